@@ -1,0 +1,38 @@
+"""kernelexec: a sandboxed, stateful Jupyter kernel per AI-agent session."""
+
+from .errors import (
+    DockerUnavailable,
+    ExecutionTimeout,
+    ImageBuildError,
+    ImageNotFound,
+    KernelDied,
+    KernelExecError,
+    ProtocolError,
+    SandboxError,
+    SandboxStartError,
+    SessionClosed,
+)
+from .policy import Policy
+from .results import ErrorInfo, Execution, MimeBundle, Stream
+from .session import AsyncSession, Session
+
+__all__ = [
+    "AsyncSession",
+    "DockerUnavailable",
+    "ErrorInfo",
+    "Execution",
+    "ExecutionTimeout",
+    "ImageBuildError",
+    "ImageNotFound",
+    "KernelDied",
+    "KernelExecError",
+    "MimeBundle",
+    "Policy",
+    "ProtocolError",
+    "SandboxError",
+    "SandboxStartError",
+    "Session",
+    "SessionClosed",
+    "Stream",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,396 @@
+"""An asyncio Jupyter client for one kernel, bounded against a hostile peer.
+
+Why not ``jupyter_client``'s client: we need every socket bounded
+(``MAXMSGSIZE``, high-water marks), endpoints pinned to verified inodes,
+IOPub drained continuously (the kernel drops what a slow client does not
+read, the final ``idle`` included), and death noticed from the socket
+itself. Reads block on the sockets; nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from . import protocol
+from .errors import ProtocolError, SandboxError
+from .protocol import Message, Signer
+from .results import TRUNCATION_MARKER, ErrorInfo, Execution, MimeBundle, Stream, strip_ansi
+
+log = logging.getLogger("kernelexec")
+
+#: After execute_reply, how long to wait for IOPub to catch up (its idle).
+IDLE_GRACE = 1.0
+IOPUB_HWM = 1000
+MAX_TRACEBACK = 64 * 1024
+
+Callback = Callable[[Any], None]
+
+
+class KernelGone(Exception):
+    """Internal: the kernel's socket closed. The session turns it into KernelDied."""
+
+
+# -- one ZeroMQ context per process, terminated when its last user goes --------
+
+_ctx_lock = threading.Lock()
+_ctx: zmq.asyncio.Context | None = None
+_ctx_users = 0
+
+
+def _acquire_context() -> zmq.asyncio.Context:
+    global _ctx, _ctx_users
+    with _ctx_lock:
+        if _ctx is None:
+            _ctx = zmq.asyncio.Context(io_threads=1)
+        _ctx_users += 1
+        return _ctx
+
+
+def _release_context() -> None:
+    global _ctx, _ctx_users
+    with _ctx_lock:
+        _ctx_users -= 1
+        if _ctx_users == 0 and _ctx is not None:
+            _ctx.term()
+            _ctx = None
+
+
+@dataclass
+class Callbacks:
+    on_stdout: Callable[[str], None] | None = None
+    on_stderr: Callable[[str], None] | None = None
+    on_result: Callable[[MimeBundle], None] | None = None
+
+
+@dataclass
+class _Pending:
+    execution: Execution
+    limit: int
+    callbacks: Callbacks
+    reply: asyncio.Future[Message]
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    clear_on_next: bool = False
+    started: float = field(default_factory=time.monotonic)
+    callback_error: BaseException | None = None
+
+    # -- IOPub message handling, as a notebook front end would -----------------
+
+    def handle(self, msg: Message, size: int) -> None:
+        t, c = msg.msg_type, msg.content
+        ex = self.execution
+        if t == "status":
+            if c.get("execution_state") == "idle":
+                self.idle.set()
+            return
+        if t == "execute_input":
+            if isinstance(c.get("execution_count"), int):
+                ex.execution_count = c["execution_count"]
+            return
+        if t == "clear_output":
+            if c.get("wait"):
+                self.clear_on_next = True
+            else:
+                ex.outputs.clear()
+            return
+        if t == "update_display_data":
+            did = _display_id(c)
+            for o in ex.outputs:
+                if isinstance(o, MimeBundle) and did is not None and o.display_id == did:
+                    o.data = _dict(c.get("data"))
+                    o.metadata = _dict(c.get("metadata"))
+            return
+        if t not in ("stream", "execute_result", "display_data", "error"):
+            return
+        if self.clear_on_next:
+            ex.outputs.clear()
+            self.clear_on_next = False
+        if t == "error":
+            tb = strip_ansi("\n".join(str(line) for line in _list(c.get("traceback"))))
+            ex.outputs.append(ErrorInfo(str(c.get("ename", "")), str(c.get("evalue", "")), tb[-MAX_TRACEBACK:]))
+            return
+        if t == "stream":
+            name = "stderr" if c.get("name") == "stderr" else "stdout"
+            text = str(c.get("text", ""))
+            text = self._take(text, name)
+            if not text:
+                return
+            last = ex.outputs[-1] if ex.outputs else None
+            if isinstance(last, Stream) and last.name == name and not self.execution.truncated:
+                last.text += text
+            else:
+                ex.outputs.append(Stream(name, text))
+            self._call(self.callbacks.on_stdout if name == "stdout" else self.callbacks.on_stderr, text)
+            return
+        if ex.truncated or ex.output_bytes + size > self.limit:
+            self._mark_truncated("stderr")
+            return
+        ex.output_bytes += size
+        bundle = MimeBundle(
+            data=_dict(c.get("data")), metadata=_dict(c.get("metadata")), kind=t,  # type: ignore[arg-type]
+            execution_count=c.get("execution_count") if isinstance(c.get("execution_count"), int) else None,
+            display_id=_display_id(c),
+        )
+        ex.outputs.append(bundle)
+        self._call(self.callbacks.on_result, bundle)
+
+    def _take(self, text: str, name: str) -> str:
+        """What of ``text`` fits in the output budget; marks the cut."""
+        ex = self.execution
+        if ex.truncated:
+            return ""
+        room = self.limit - ex.output_bytes
+        data = text.encode("utf-8", errors="replace")
+        if len(data) <= room:
+            ex.output_bytes += len(data)
+            return text
+        kept = data[:max(room, 0)].decode("utf-8", errors="ignore")
+        ex.output_bytes = self.limit
+        if kept:
+            last = ex.outputs[-1] if ex.outputs else None
+            if isinstance(last, Stream) and last.name == name:
+                last.text += kept
+            else:
+                ex.outputs.append(Stream(name, kept))  # type: ignore[arg-type]
+        self._mark_truncated(name)
+        return ""
+
+    def _mark_truncated(self, name: str) -> None:
+        if not self.execution.truncated:
+            self.execution.truncated = True
+            self.execution.outputs.append(Stream(name, "\n" + TRUNCATION_MARKER.format(limit=self.limit) + "\n"))  # type: ignore[arg-type]
+
+    def _call(self, cb: Callable[[Any], None] | None, arg: Any) -> None:
+        if cb is None or self.callback_error is not None:
+            return
+        try:
+            cb(arg)
+        except BaseException as e:  # re-raised by execute() once the execution has ended
+            self.callback_error = e
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
+def _display_id(c: dict[str, Any]) -> str | None:
+    did = _dict(c.get("transient")).get("display_id")
+    return did if isinstance(did, str) else None
+
+
+class KernelClient:
+    """Shell, control and IOPub channels to one kernel, with background readers."""
+
+    def __init__(self, key: bytes, endpoints: dict[str, str], *, max_message_bytes: int,
+                 max_output_bytes: int) -> None:
+        self._signer = Signer(key)
+        self._endpoints = endpoints
+        self._max_msg = max_message_bytes
+        self._max_out = max_output_bytes
+        self._session = uuid.uuid4().hex
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pending: dict[str, _Pending] = {}
+        self._replies: dict[str, asyncio.Future[Message]] = {}
+        self._welcome = asyncio.Event()
+        self._gone: BaseException | None = None
+        self.dropped = 0  # IOPub messages with no matching request
+
+    @property
+    def alive(self) -> bool:
+        return self._gone is None and self._ctx is not None
+
+    def _socket(self, kind: int, name: str, hwm: int) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        s = self._ctx.socket(kind)
+        self._sockets.append(s)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, self._max_msg)
+        s.setsockopt(zmq.RCVHWM, hwm)
+        s.setsockopt(zmq.SNDHWM, hwm)
+        if kind == zmq.DEALER:
+            s.setsockopt(zmq.IDENTITY, f"{self._session}-{name}".encode())
+        if kind == zmq.SUB:
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+        s.connect(self._endpoints[name])
+        return s
+
+    async def connect(self) -> None:
+        self._ctx = _acquire_context()
+        self._shell = self._socket(zmq.DEALER, "shell", 64)
+        self._control = self._socket(zmq.DEALER, "control", 64)
+        self._iopub = self._socket(zmq.SUB, "iopub", IOPUB_HWM)
+        monitor = self._shell.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._sockets.append(monitor)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._read_replies(self._shell, "shell")),
+            loop.create_task(self._read_replies(self._control, "control")),
+            loop.create_task(self._read_iopub()),
+            loop.create_task(self._watch(monitor)),
+        ]
+
+    # -- readers -----------------------------------------------------------------
+
+    async def _recv(self, sock: zmq.asyncio.Socket) -> tuple[Message, int]:
+        frames = await sock.recv_multipart(copy=True)
+        return protocol.parse(self._signer, frames), sum(len(f) for f in frames)
+
+    async def _read_replies(self, sock: zmq.asyncio.Socket, channel: str) -> None:
+        try:
+            while True:
+                msg, _ = await self._recv(sock)
+                fut = self._replies.pop(msg.parent_id or "", None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                else:
+                    log.debug("dropped %s reply %s with unknown parent", channel, msg.msg_type)
+        except ProtocolError as e:
+            self._fail(e)
+        except asyncio.CancelledError:
+            raise
+        except zmq.ZMQError as e:
+            self._fail(KernelGone(f"{channel} channel failed: {e}"))
+
+    async def _read_iopub(self) -> None:
+        try:
+            while True:
+                msg, size = await self._recv(self._iopub)
+                if msg.msg_type == "iopub_welcome":
+                    self._welcome.set()
+                    continue
+                self._welcome.set()  # any IOPub message proves the subscription is live
+                p = self._pending.get(msg.parent_id or "")
+                if p is None:
+                    self.dropped += 1
+                    continue
+                p.handle(msg, size)
+        except ProtocolError as e:
+            self._fail(e)
+        except asyncio.CancelledError:
+            raise
+        except zmq.ZMQError as e:
+            self._fail(KernelGone(f"iopub channel failed: {e}"))
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await monitor.recv_multipart()
+            if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
+                self._fail(KernelGone("the kernel closed its shell socket"))
+                return
+
+    def _fail(self, error: BaseException) -> None:
+        if self._gone is None:
+            self._gone = error
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(self._gone)
+        self._replies.clear()
+        for p in self._pending.values():
+            p.idle.set()
+
+    # -- requests ------------------------------------------------------------------
+
+    async def request(self, channel: str, msg_type: str, content: dict[str, Any]) -> tuple[str, asyncio.Future[Message]]:
+        if self._gone is not None:
+            raise self._gone
+        msg_id, frames = protocol.build(self._signer, msg_type, content, session=self._session)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._replies[msg_id] = fut
+        sock = self._shell if channel == "shell" else self._control
+        await sock.send_multipart(frames)
+        return msg_id, fut
+
+    async def wait_ready(self) -> dict[str, Any]:
+        """Wait until shell answers and IOPub is subscribed, so no early output is lost.
+
+        ipykernel >= 7.2 greets each new subscriber with ``iopub_welcome``;
+        with older kernels, repeating ``kernel_info`` makes IOPub speak
+        (busy/idle) once the subscription has reached it. The caller's
+        deadline bounds the whole wait.
+        """
+        _, fut = await self.request("shell", "kernel_info_request", {})
+        reply = await fut
+        delay = 0.05
+        while not self._welcome.is_set():
+            try:
+                await asyncio.wait_for(self._welcome.wait(), delay)
+            except asyncio.TimeoutError:
+                _, fut = await self.request("shell", "kernel_info_request", {})
+                await fut
+                delay = min(delay * 2, 1.0)
+        return reply.content
+
+    async def submit(self, code: str, callbacks: Callbacks) -> str:
+        """Send one execute_request; its outputs are collected from now on."""
+        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": True}
+        msg_id, fut = await self.request("shell", "execute_request", content)
+        self._pending[msg_id] = _Pending(Execution(code=code), self._max_out, callbacks, fut)
+        return msg_id
+
+    async def finish(self, msg_id: str, timeout: float | None) -> Execution:
+        """Wait for the reply of ``msg_id`` (authoritative), then for IOPub to catch up.
+
+        On timeout this raises ``asyncio.TimeoutError`` and leaves the request
+        pending, so the caller can interrupt and call again.
+        """
+        p = self._pending[msg_id]
+        reply = await asyncio.wait_for(asyncio.shield(p.reply), timeout)
+        try:
+            await asyncio.wait_for(p.idle.wait(), IDLE_GRACE)
+        except asyncio.TimeoutError:
+            log.debug("no idle for %s within %.1fs (IOPub dropped it?)", msg_id, IDLE_GRACE)
+        self._pending.pop(msg_id, None)
+        ex = p.execution
+        status = reply.content.get("status")
+        ex.status = status if status in ("ok", "error", "aborted") else "error"
+        if isinstance(reply.content.get("execution_count"), int):
+            ex.execution_count = reply.content["execution_count"]
+        if ex.status == "error" and ex.error is None:
+            c = reply.content
+            tb = strip_ansi("\n".join(str(x) for x in _list(c.get("traceback"))))
+            ex.outputs.append(ErrorInfo(str(c.get("ename", "")), str(c.get("evalue", "")), tb[-MAX_TRACEBACK:]))
+        ex.duration = time.monotonic() - p.started
+        if p.callback_error is not None:
+            raise p.callback_error
+        return ex
+
+    def abandon(self, msg_id: str) -> Execution | None:
+        """Forget a request whose reply will never be awaited; return what it produced."""
+        p = self._pending.pop(msg_id, None)
+        self._replies.pop(msg_id, None)
+        return p.execution if p else None
+
+    async def interrupt(self, timeout: float) -> None:
+        _, fut = await self.request("control", "interrupt_request", {})
+        await asyncio.wait_for(fut, timeout)
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in self._sockets:
+            s.close(linger=0)
+        self._sockets.clear()
+        if self._ctx is not None:
+            self._ctx = None
+            _release_context()
+        if self._gone is None:
+            self._gone = SandboxError("the session is closed")
+        self._fail(self._gone)

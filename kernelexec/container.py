@@ -1,0 +1,531 @@
+"""Container lifecycle: create, start, watch, inspect, remove, garbage-collect.
+
+Everything a session asks of the Docker engine lives here, through the
+asyncio Engine API client in :mod:`kernelexec.dockerapi`. The blocking
+entry points (atexit, SIGTERM, ``gc``) run the same coroutines on a
+short-lived loop of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Coroutine, Iterator, TypeVar
+
+from .dockerapi import DockerAPIError, api, close_stream, socket_path
+from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxStartError
+from .policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, resolve_user, work_volume_options
+from .sockdir import CONNECTION_FILE, SOCKET_BASENAME, SocketDir, owner_pid_of, remove_path, socket_root
+
+log = logging.getLogger("kernelexec")
+
+LABEL = "kernelexec.session"
+LABEL_PID = "kernelexec.owner_pid"
+LABEL_START = "kernelexec.owner_start"
+LABEL_HOST = "kernelexec.host"
+LABEL_CREATED = "kernelexec.created"
+LABEL_SOCKDIR = "kernelexec.sockdir"
+LABEL_VOLUME = "kernelexec.volume"
+LABEL_POLICY = "kernelexec.policy"
+
+PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
+_STDERR_TAIL = 4096
+
+#: Run in the kernel before the first cell. numpy 2 shows ``np.int64(6)`` for
+#: a scalar; agents (and people) read ``6``. Registered by name, so numpy is
+#: only imported if the code imports it.
+KERNEL_STARTUP = [
+    "exec(\"_f = get_ipython().display_formatter.formatters['text/plain']\\n"
+    "for _t in ('int8','int16','int32','int64','uint8','uint16','uint32','uint64','float16','float32',"
+    "'float64','longdouble','complex64','complex128','bool','bool_','str_','bytes_'):\\n"
+    "    _f.for_type_by_name('numpy', _t, lambda o, p, c: p.text(str(o)))\\n"
+    "del _f, _t\")",
+]
+
+
+T = TypeVar("T")
+
+_client_lock = threading.Lock()
+_client: Any = None
+
+
+def docker_client() -> Any:
+    """A docker SDK client, for what the Engine API client does not cover (image builds, tests)."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            import docker
+
+            try:
+                socket_path()
+                c = docker.from_env(timeout=120)
+                c.ping()
+            except DockerUnavailable:
+                raise
+            except Exception as e:  # the SDK raises several unrelated types for "no engine"
+                raise DockerUnavailable(
+                    f"cannot reach the Docker engine ({e}). Start it (`dockerd &` or `systemctl start docker`), "
+                    "check DOCKER_HOST, and run `kernelexec doctor`"
+                ) from e
+            _client = c
+        return _client
+
+
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code, whatever loop is running here.
+
+    A fresh thread with its own loop works in a plain script, inside a
+    running event loop, and inside a signal handler alike.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as e:
+            error.append(e)
+
+    t = threading.Thread(target=main, name="kernelexec-blocking")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def process_start_ticks(pid: int) -> str | None:
+    """Start time of a process in clock ticks since boot: with the pid, it names a process uniquely."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm may contain spaces and parentheses; fields resume after the last ')'
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[19].decode()
+
+
+def owner_alive(pid: int, start: str | None) -> bool:
+    now = process_start_ticks(pid)
+    return now is not None and (start is None or now == start)
+
+
+def describe_exit(state: dict[str, Any]) -> tuple[str, int | None, bool]:
+    """Why a container stopped, in words, from ``docker inspect``'s State."""
+    code = state.get("ExitCode")
+    oom = bool(state.get("OOMKilled"))
+    if oom:
+        return "oom-killed: the code used more memory than Policy.memory allows", code, True
+    if isinstance(code, int) and code > 128:
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = f"signal {code - 128}"
+        return f"exit code {code} ({name})", code, False
+    err = state.get("Error") or ""
+    return f"exit code {code}" + (f": {err}" if err else ""), code, False
+
+
+@dataclass
+class ConnectionInfo:
+    """What the host keeps in memory about a kernel. Never re-read from disk."""
+
+    key: bytes
+    session_id: str
+
+    def file_contents(self) -> dict[str, Any]:
+        return {
+            "transport": "ipc",
+            "ip": f"{SOCKET_MOUNT}/{SOCKET_BASENAME}",
+            **{f"{name}_port": port for name, port in PORTS.items()},
+            "key": self.key.decode(),
+            "signature_scheme": "hmac-sha256",
+            "kernel_name": "kernelexec",
+        }
+
+
+class Sandbox:
+    """One container with its socket directory and working-directory volume.
+
+    ``destroy()`` is idempotent; ``destroy_blocking()`` is what atexit and
+    SIGTERM call.
+    """
+
+    def __init__(self, policy: Policy, image: str, conn: ConnectionInfo) -> None:
+        self.policy = policy
+        self.image = image
+        self.conn = conn
+        self.uid, self.gid = resolve_user(policy, os.geteuid(), os.getegid())
+        self.sockdir: SocketDir | None = None
+        self.container_id: str | None = None
+        self.volume: str | None = None
+        self._destroyed = False
+
+    @property
+    def name(self) -> str:
+        return f"kernelexec-{self.conn.session_id}"
+
+    def labels(self) -> dict[str, str]:
+        assert self.sockdir is not None
+        pid = os.getpid()
+        return {
+            **self.policy.labels,
+            LABEL: self.conn.session_id,
+            LABEL_PID: str(pid),
+            LABEL_START: process_start_ticks(pid) or "",
+            LABEL_HOST: socket.gethostname(),
+            LABEL_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            LABEL_SOCKDIR: str(self.sockdir.path),
+            LABEL_VOLUME: self.name,
+            LABEL_POLICY: self.policy.to_json(),
+        }
+
+    async def create(self) -> None:
+        """Socket directory, connection file, volume and (not yet started) container."""
+        _register(self)
+        self.sockdir = SocketDir(self.uid, self.gid)
+        self.sockdir.write_connection_file(self.conn.file_contents())
+        labels = self.labels()
+        docker = api()
+        self.volume = await docker.create_volume(
+            self.name, work_volume_options(self.policy, self.uid, self.gid),
+            {k: labels[k] for k in (LABEL, LABEL_PID, LABEL_START, LABEL_HOST)},
+        )
+        config = container_config(
+            self.policy, image=self.image, command=self.command(), uid=self.uid, gid=self.gid,
+            socket_dir=str(self.sockdir.path), work_volume=self.volume, labels=labels,
+        )
+        try:
+            self.container_id = await docker.create_container(self.name, config)
+        except DockerAPIError as e:
+            if e.status == 404 and "image" in e.explanation.lower():
+                raise ImageNotFound(
+                    f"the kernel image {self.image!r} is not on this Docker engine. Build it with "
+                    "`kernelexec image build` (works offline), or pass Policy(image=...)"
+                ) from e
+            if self.policy.runtime and "runtime" in e.explanation.lower():
+                raise SandboxStartError(
+                    f"the container runtime {self.policy.runtime!r} is not configured in the Docker engine "
+                    f"({e.explanation}); install it or drop Policy.runtime"
+                ) from e
+            raise SandboxStartError(f"Docker refused to create the sandbox container: {e.explanation}") from e
+        for r in self.policy.relaxations():
+            log.warning("session %s: policy loosened: %s", self.conn.session_id, r)
+
+    def command(self) -> list[str]:
+        return [
+            KERNEL_PYTHON, "-m", "ipykernel_launcher", "-f", f"{SOCKET_MOUNT}/{CONNECTION_FILE}",
+            # history on disk is pointless in a throwaway sandbox and costs time per cell
+            "--HistoryManager.hist_file=:memory:",
+            "--IPKernelApp.quiet=True",
+            *(f"--IPKernelApp.exec_lines={line}" for line in KERNEL_STARTUP),
+        ]
+
+    async def start(self) -> None:
+        assert self.container_id is not None
+        try:
+            await api().start(self.container_id)
+        except DockerAPIError as e:
+            raise SandboxStartError(f"Docker could not start the sandbox container: {e.explanation}") from e
+
+    async def inspect_state(self) -> dict[str, Any] | None:
+        if self.container_id is None:
+            return None
+        try:
+            return dict((await api().inspect(self.container_id))["State"])
+        except DockerAPIError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def death(self, wait: float = 5.0) -> KernelDied:
+        """The typed error for a kernel that went away, with Docker's reason."""
+        if self.container_id is None:
+            return KernelDied("the container was never created")
+        try:
+            await asyncio.wait_for(api().wait(self.container_id), wait)
+        except asyncio.TimeoutError:
+            pass  # still running after `wait` seconds: inspect says what we know
+        except DockerAPIError as e:
+            if e.status != 404:
+                raise
+        state = await self.inspect_state()
+        if state is None:
+            return KernelDied("the container was removed by someone else")
+        if state.get("Running"):
+            return KernelDied("the kernel stopped answering although its container still runs")
+        reason, code, oom = describe_exit(state)
+        return KernelDied(reason, exit_code=code, oom_killed=oom)
+
+    async def destroy(self) -> None:
+        """Remove the container, its volume and the socket directory. Safe to call twice."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        errors: list[BaseException] = []
+        docker = api()
+        for what, remove in ((self.container_id, docker.remove_container), (self.volume, docker.remove_volume)):
+            if what is None:
+                continue
+            try:
+                await remove(what)
+            except DockerAPIError as e:
+                if e.status != 404:  # already gone is what we wanted
+                    errors.append(e)
+            except DockerUnavailable as e:
+                errors.append(e)
+        if self.sockdir is not None:
+            try:
+                self.sockdir.remove()
+            except OSError as e:
+                errors.append(e)
+        _unregister(self)
+        if errors:
+            raise SandboxError(
+                f"cleaning up session {self.conn.session_id} failed ({errors[0]}); "
+                "run `kernelexec gc` to remove what is left"
+            ) from errors[0]
+
+    def destroy_blocking(self) -> None:
+        run_blocking(self.destroy())
+
+    # -- the attach stream: early exit and the kernel's last words ---------------
+
+    async def attach(self) -> AttachStream:
+        """Open the container's stdout/stderr before it starts.
+
+        It ends exactly when the container exits, which tells a failed start
+        apart from a slow one without polling; its tail explains the failure.
+        """
+        assert self.container_id is not None
+        reader, writer = await api().attach(self.container_id)
+        return AttachStream(reader, writer)
+
+
+class AttachStream:
+    """Demultiplexed container output, keeping only a bounded tail."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self.tail = bytearray()
+
+    async def wait_closed(self) -> None:
+        """Read until the container exits; keep the last few KB of what it said."""
+        while True:
+            try:
+                head = await self._reader.readexactly(8)
+            except asyncio.IncompleteReadError:
+                return
+            _, size = struct.unpack(">BxxxL", head)
+            while size:
+                chunk = await self._reader.read(min(size, 65536))
+                if not chunk:
+                    return
+                size -= len(chunk)
+                self.tail += chunk
+                del self.tail[:-_STDERR_TAIL]
+
+    async def close(self) -> None:
+        await close_stream(self._writer)
+
+    def text(self) -> str:
+        return self.tail.decode(errors="replace").strip()
+
+
+# -- cleanup at exit and on SIGTERM --------------------------------------------
+
+_live: dict[int, Sandbox] = {}
+_live_lock = threading.Lock()
+_hooks_installed = False
+_previous_sigterm: Any = None
+
+
+def _register(sb: Sandbox) -> None:
+    global _hooks_installed
+    with _live_lock:
+        _live[id(sb)] = sb
+        if not _hooks_installed:
+            _hooks_installed = True
+            atexit.register(destroy_all)
+            _install_sigterm()
+
+
+def _unregister(sb: Sandbox) -> None:
+    with _live_lock:
+        _live.pop(id(sb), None)
+
+
+def live_sandboxes() -> list[Sandbox]:
+    with _live_lock:
+        return list(_live.values())
+
+
+def destroy_all() -> None:
+    """Remove every sandbox this process still owns (atexit, SIGTERM)."""
+    sandboxes = live_sandboxes()
+    if not sandboxes:
+        return
+
+    async def all_() -> list[BaseException | None]:
+        return await asyncio.gather(*(sb.destroy() for sb in sandboxes), return_exceptions=True)
+
+    for e in run_blocking(all_()):
+        if e is not None:
+            log.error("%s", e)
+
+
+def _install_sigterm() -> None:
+    """Chain a SIGTERM handler that cleans up, then does what was there before."""
+    global _previous_sigterm
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; atexit still runs
+    _previous_sigterm = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        destroy_all()
+        prev = _previous_sigterm
+        if callable(prev):
+            prev(signum, frame)
+        elif prev == signal.SIG_IGN:
+            return
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+# -- listing and garbage collection ---------------------------------------------
+
+@dataclass
+class SessionInfo:
+    session_id: str
+    container_id: str
+    status: str
+    owner_pid: int
+    owner_alive: bool
+    host: str
+    created: str
+    image: str
+
+
+async def alist_sessions(all_hosts: bool = False) -> list[SessionInfo]:
+    out = []
+    here = socket.gethostname()
+    for c in await api().containers(LABEL):
+        labels = c.get("Labels") or {}
+        host = labels.get(LABEL_HOST, "")
+        if host != here and not all_hosts:
+            continue
+        try:
+            pid = int(labels.get(LABEL_PID, "0"))
+        except ValueError:
+            pid = 0
+        out.append(SessionInfo(
+            session_id=labels.get(LABEL, ""), container_id=c["Id"], status=c.get("State", ""),
+            owner_pid=pid, owner_alive=host == here and pid > 0 and owner_alive(pid, labels.get(LABEL_START) or None),
+            host=host, created=labels.get(LABEL_CREATED, ""), image=c.get("Image", ""),
+        ))
+    return out
+
+
+def list_sessions(all_hosts: bool = False) -> list[SessionInfo]:
+    """Every kernelexec container on the engine (this host's unless ``all_hosts``)."""
+    return run_blocking(alist_sessions(all_hosts))
+
+
+@dataclass
+class GcReport:
+    containers: list[str]
+    volumes: list[str]
+    socket_dirs: list[str]
+    errors: list[str]
+
+
+async def agc(*, everything: bool = False) -> GcReport:
+    """Remove what dead owners left: containers, volumes, socket directories.
+
+    ``everything`` also removes sessions of live processes on this host
+    (but never this process's own live sessions). Sessions started on another
+    host sharing the engine are left alone.
+    """
+    docker = api()
+    here = socket.gethostname()
+    mine = {sb.conn.session_id for sb in live_sandboxes()}
+    report = GcReport([], [], [], [])
+
+    def orphan(labels: dict[str, str]) -> bool:
+        if labels.get(LABEL_HOST, here) != here or labels.get(LABEL) in mine:
+            return False
+        try:
+            pid = int(labels.get(LABEL_PID, "0"))
+        except ValueError:
+            return True
+        return everything or not owner_alive(pid, labels.get(LABEL_START) or None)
+
+    for c in await docker.containers(LABEL):
+        labels = c.get("Labels") or {}
+        if not orphan(labels):
+            continue
+        try:
+            await docker.remove_container(c["Id"])
+            report.containers.append(c["Id"][:12])
+        except DockerAPIError as e:
+            if e.status != 404:
+                report.errors.append(f"container {c['Id'][:12]}: {e.explanation}")
+        sockdir = labels.get(LABEL_SOCKDIR)
+        if sockdir:
+            _gc_dir(Path(sockdir), report)
+    for v in await docker.volumes(LABEL):
+        if not orphan(v.get("Labels") or {}):
+            continue
+        try:
+            await docker.remove_volume(v["Name"])
+            report.volumes.append(v["Name"])
+        except DockerAPIError as e:
+            if e.status != 404:
+                report.errors.append(f"volume {v['Name']}: {e.explanation}")
+    live_dirs = {sb.sockdir.path.name for sb in live_sandboxes() if sb.sockdir}
+    for entry in _scan(socket_root()):
+        pid = owner_pid_of(entry.name)
+        if pid is None or entry.name in live_dirs:
+            continue
+        if everything or process_start_ticks(pid) is None:
+            _gc_dir(Path(entry.path), report)
+    return report
+
+
+def gc(*, everything: bool = False) -> GcReport:
+    """Blocking form of :func:`agc`, for the CLI."""
+    return run_blocking(agc(everything=everything))
+
+
+def _scan(root: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(root) as it:
+            yield from (e for e in it if e.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return
+
+
+def _gc_dir(path: Path, report: GcReport) -> None:
+    if owner_pid_of(path.name) is None or path.parent != socket_root():
+        report.errors.append(f"refusing to remove {path}: not a kernelexec socket directory")
+        return
+    try:
+        remove_path(path)
+        report.socket_dirs.append(str(path))
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        report.errors.append(f"{path}: {e}")
+

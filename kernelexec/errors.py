@@ -1,0 +1,93 @@
+"""Every error kernelexec raises, in one place.
+
+Each message says what happened and what the caller can do about it. Errors
+that end an execution carry ``state_lost`` so that an agent always knows
+whether the variables it built up still exist.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .results import Execution
+
+
+class KernelExecError(Exception):
+    """Base class of every kernelexec error."""
+
+
+class SandboxError(KernelExecError):
+    """The sandbox (container, socket directory or protocol) misbehaved."""
+
+
+class DockerUnavailable(SandboxError):
+    """The Docker engine could not be reached."""
+
+
+class ImageNotFound(SandboxError):
+    """The kernel image is not present on the Docker engine."""
+
+
+class ImageBuildError(SandboxError):
+    """Building the kernel image failed."""
+
+
+class SandboxStartError(SandboxError):
+    """The container or the kernel inside it did not come up."""
+
+
+class ProtocolError(SandboxError):
+    """The kernel sent something that breaks the Jupyter protocol or our bounds.
+
+    The kernel runs hostile code and holds the signing key, so a malformed or
+    oversized message is treated as an attack: the session is closed.
+    """
+
+
+class SessionClosed(KernelExecError):
+    """The session was used after ``close()``."""
+
+
+class KernelDied(SandboxError):
+    """The kernel process (and with it the container) is gone.
+
+    ``reason`` is read from Docker: ``"oom-killed"``, ``"exit code 137 (SIGKILL)"``,
+    ``"container removed"``... All state in the kernel is lost; call
+    ``restart()`` for a fresh one.
+    """
+
+    state_lost = True
+
+    def __init__(self, reason: str, *, exit_code: int | None = None, oom_killed: bool = False) -> None:
+        self.reason = reason
+        self.exit_code = exit_code
+        self.oom_killed = oom_killed
+        super().__init__(
+            f"the kernel died ({reason}); its state is lost. "
+            "Call restart() for a fresh kernel"
+            + (" and use less memory, or raise Policy.memory" if oom_killed else "")
+            + "."
+        )
+
+
+class ExecutionTimeout(KernelExecError):
+    """The code ran past its timeout.
+
+    When the interrupt took, ``state_lost`` is False and the session goes on
+    with its variables intact. When the kernel ignored the interrupt, it was
+    replaced by a fresh one: ``state_lost`` is True.
+    """
+
+    def __init__(self, timeout: float, *, state_lost: bool, partial: Execution | None = None) -> None:
+        self.timeout = timeout
+        self.state_lost = state_lost
+        self.partial = partial
+        if state_lost:
+            detail = (
+                "the kernel did not respond to the interrupt, so it was restarted in a fresh "
+                "container: all variables and imports are lost"
+            )
+        else:
+            detail = "the kernel was interrupted; the session and its state are intact"
+        super().__init__(f"execution exceeded its timeout of {timeout:g} s; {detail}.")

@@ -1,0 +1,311 @@
+"""The sandbox policy: every limit and every hardening switch, in one dataclass.
+
+Defaults are the safe choice. A field can be loosened, but only by setting it
+explicitly; :meth:`Policy.relaxations` lists what was loosened so that it is
+logged at session start and shown by ``kernelexec audit``. Nothing here talks
+to Docker: :func:`container_options` turns a policy into the arguments of a
+container create call, and the container module does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+log = logging.getLogger("kernelexec")
+
+#: uid:gid the kernel runs as when the host process is root. Never 0.
+SANDBOX_UID = 10001
+SANDBOX_GID = 10001
+
+#: Paths inside the container. Fixed by the kernel image's recipe.
+HOME = "/home/sandbox"
+WORKDIR = "/work"
+SOCKET_MOUNT = "/run/kernelexec"
+KERNEL_PYTHON = "/opt/kernel/bin/python"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: int | str) -> int:
+    """``"64m"`` -> 67108864. Sizes are binary, as Docker reads them."""
+    if isinstance(value, bool):
+        raise TypeError("a size must be an int of bytes or a string like '64m'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"size must be positive, got {value}")
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"cannot read {value!r} as a size; write bytes or e.g. '512m', '1g'")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Limits and hardening of one sandbox.
+
+    Every field is documented with why its default is what it is. Sizes take
+    bytes or strings like ``"256m"``.
+    """
+
+    #: Kernel image. ``None`` means the image built from this version's
+    #: ``kernel-image/`` recipe (tagged by content, see ``kernelexec image build``).
+    image: str | None = None
+
+    # --- resources -------------------------------------------------------
+    #: Memory limit of the whole container (kernel, children and tmpfs
+    #: contents). Swap is set equal to it, so there is no swap to hide in.
+    memory: int | str = "1g"
+    #: CPU cores the container may use (CFS quota). Spinning code is held here.
+    cpus: float = 1.0
+    #: Processes and threads in the container: stops fork and thread bombs.
+    pids: int = 256
+    #: Open files per process: stops fd exhaustion from reaching the host.
+    nofile: int = 1024
+    #: RLIMIT_NPROC. It counts per uid across the host, and every root-hosted
+    #: sandbox shares one uid, so it must be generous; ``pids`` is the real bound.
+    nproc: int = 4096
+    #: Largest file a process may write (RLIMIT_FSIZE); tmpfs sizes bound the total.
+    max_file_size: int | str = "1g"
+    #: tmpfs sizes. All are mounted noexec,nosuid,nodev and count against ``memory``.
+    tmp_size: int | str = "64m"
+    home_size: int | str = "64m"
+    shm_size: int | str = "64m"
+    #: Size of the working directory (a per-session tmpfs volume; files are
+    #: uploaded and downloaded there).
+    workdir_size: int | str = "256m"
+
+    # --- time --------------------------------------------------------------
+    #: Default ``execute()`` timeout in seconds. ``None`` waits forever, which
+    #: an agent should never want.
+    timeout: float | None = 300.0
+    #: Deadline for a container and kernel to come up.
+    start_timeout: float = 60.0
+    #: How long an interrupt may take before the kernel is replaced.
+    interrupt_grace: float = 3.0
+
+    # --- output bounds (the kernel is hostile: the host must stay bounded) ---
+    #: Total output kept per execution; the rest is dropped with a marker.
+    max_output_bytes: int | str = "8m"
+    #: Largest single ZeroMQ frame accepted from the kernel. A larger one
+    #: means the kernel broke its bounds: the session is closed.
+    max_message_bytes: int | str = "64m"
+
+    # --- isolation -----------------------------------------------------------
+    #: Docker network mode. ``"none"`` leaves only the loopback interface:
+    #: the kernel is reached over unix sockets, so it needs no network.
+    network: str = "none"
+    #: Read-only root filesystem: the code cannot change the image.
+    read_only: bool = True
+    #: ``"uid:gid"`` to run as. ``None``: the host's uid:gid when the host is
+    #: not root (sockets need write permission to connect), else 10001:10001.
+    #: Root (uid 0) is refused.
+    user: str | None = None
+    #: Linux capabilities to add back. All are dropped.
+    cap_add: tuple[str, ...] = ()
+    #: Forbid gaining privileges through setuid files or file capabilities.
+    no_new_privileges: bool = True
+    #: Environment variables passed in. The host's environment never is.
+    env: Mapping[str, str] = field(default_factory=dict)
+    #: A host directory to mount at ``/work/host`` (only when asked).
+    workspace: str | None = None
+    #: Mount the workspace read-only unless told otherwise.
+    workspace_read_only: bool = True
+    #: Container runtime, e.g. ``"runsc"`` (gVisor). ``None``: the engine's default.
+    runtime: str | None = None
+    #: Docker log driver. ``"none"``: code writing to /proc/1/fd/1 cannot
+    #: fill the host disk through Docker's unbounded json-file log.
+    log_driver: Literal["none", "local"] = "none"
+    #: Extra labels for the container (the ``kernelexec.*`` ones are reserved).
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("memory", "max_file_size", "tmp_size", "home_size", "shm_size", "workdir_size",
+                     "max_output_bytes", "max_message_bytes"):
+            parse_size(getattr(self, name))
+        if self.cpus <= 0:
+            raise ValueError("cpus must be positive")
+        for name in ("pids", "nofile", "nproc"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive limit")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be positive or None")
+        if self.start_timeout <= 0 or self.interrupt_grace <= 0:
+            raise ValueError("start_timeout and interrupt_grace must be positive")
+        if self.user is not None:
+            uid, _, gid = self.user.partition(":")
+            if not uid.isdigit() or (gid and not gid.isdigit()):
+                raise ValueError(f"user must be 'uid:gid' in numbers, got {self.user!r}")
+            if int(uid) == 0 or (gid and int(gid) == 0):
+                raise ValueError("the sandbox never runs as root (uid or gid 0); pick another user")
+        if self.network in ("host",) or self.network.startswith("container:"):
+            raise ValueError(f"network={self.network!r} shares a namespace with the host or another "
+                             "container; kernelexec does not allow it")
+        if any(k.startswith("kernelexec.") for k in self.labels):
+            raise ValueError("labels starting with 'kernelexec.' are reserved")
+        if any(c.upper() == "ALL" for c in self.cap_add):
+            raise ValueError("cap_add=ALL would undo the sandbox; name the capabilities you need")
+
+    def replace(self, **changes: Any) -> Policy:
+        return dataclasses.replace(self, **changes)
+
+    def relaxations(self) -> list[str]:
+        """What this policy loosens compared with the defaults, in words."""
+        d = Policy()
+        out: list[str] = []
+        if self.network != "none":
+            out.append(f"network={self.network!r}: the code can reach a network")
+        if not self.read_only:
+            out.append("read_only=False: the code can change the container's filesystem")
+        if self.cap_add:
+            out.append(f"cap_add={list(self.cap_add)}: capabilities given back")
+        if not self.no_new_privileges:
+            out.append("no_new_privileges=False: setuid files can raise privileges")
+        if self.workspace:
+            mode = "read-only" if self.workspace_read_only else "read-write"
+            out.append(f"workspace={self.workspace!r} mounted {mode}")
+        if self.log_driver != "none":
+            out.append(f"log_driver={self.log_driver!r}: container output is stored on the host")
+        if self.timeout is None:
+            out.append("timeout=None: an execution may run forever")
+        for name in ("memory", "tmp_size", "home_size", "shm_size", "workdir_size", "max_file_size",
+                     "max_output_bytes", "max_message_bytes"):
+            if parse_size(getattr(self, name)) > parse_size(getattr(d, name)):
+                out.append(f"{name}={getattr(self, name)!r} is above the default {getattr(d, name)!r}")
+        for name in ("cpus", "pids", "nofile", "nproc"):
+            if getattr(self, name) > getattr(d, name):
+                out.append(f"{name}={getattr(self, name)!r} is above the default {getattr(d, name)!r}")
+        return out
+
+    def to_json(self) -> str:
+        """A stable JSON form, stored as a container label for audits."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+
+
+def resolve_user(policy: Policy, host_uid: int, host_gid: int) -> tuple[int, int]:
+    """The uid:gid the kernel runs as.
+
+    Unix sockets created by the kernel are mode 0755 and connecting needs
+    write permission, so a non-root host must share the kernel's uid. A root
+    host can connect to anything, so the kernel gets a fixed unprivileged uid.
+    """
+    if policy.user is not None:
+        uid, _, gid = policy.user.partition(":")
+        return int(uid), int(gid or uid)
+    if host_uid == 0:
+        return SANDBOX_UID, SANDBOX_GID
+    return host_uid, host_gid
+
+
+def container_config(
+    policy: Policy,
+    *,
+    image: str,
+    command: list[str],
+    uid: int,
+    gid: int,
+    socket_dir: str,
+    work_volume: str,
+    labels: Mapping[str, str],
+) -> dict[str, Any]:
+    """The Engine API body of ``POST /containers/create`` that enforces ``policy``.
+
+    What is sent here is exactly what ``docker inspect`` shows back, which is
+    what the tests and ``kernelexec audit`` check.
+    """
+    mounts: list[dict[str, Any]] = [
+        {"Type": "bind", "Source": socket_dir, "Target": SOCKET_MOUNT, "ReadOnly": False,
+         "BindOptions": {"Propagation": "rprivate"}},
+        {"Type": "volume", "Source": work_volume, "Target": WORKDIR, "ReadOnly": False},
+    ]
+    if policy.workspace:
+        mounts.append({"Type": "bind", "Source": policy.workspace, "Target": f"{WORKDIR}/host",
+                       "ReadOnly": policy.workspace_read_only, "BindOptions": {"Propagation": "rprivate"}})
+    tmpfs_flags = "rw,noexec,nosuid,nodev"
+    env = {
+        "HOME": HOME,
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "LANG": "C.UTF-8",
+        "PATH": "/opt/kernel/bin:/usr/local/bin:/usr/bin:/bin",
+        "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "JUPYTER_PLATFORM_DIRS": "1",
+    }
+    env.update(policy.env)
+    memory = parse_size(policy.memory)
+    fsize = parse_size(policy.max_file_size)
+    host_config: dict[str, Any] = {
+        "NetworkMode": policy.network,
+        "ReadonlyRootfs": policy.read_only,
+        "CapDrop": ["ALL"],
+        "CapAdd": list(policy.cap_add) or None,
+        "SecurityOpt": ["no-new-privileges:true"] if policy.no_new_privileges else [],
+        "Privileged": False,
+        "Init": True,
+        "IpcMode": "private",
+        "CgroupnsMode": "private",
+        "Memory": memory,
+        "MemorySwap": memory,
+        "NanoCpus": int(policy.cpus * 1e9),
+        "PidsLimit": policy.pids,
+        "Ulimits": [
+            {"Name": "nofile", "Soft": policy.nofile, "Hard": policy.nofile},
+            {"Name": "nproc", "Soft": policy.nproc, "Hard": policy.nproc},
+            {"Name": "fsize", "Soft": fsize, "Hard": fsize},
+            {"Name": "core", "Soft": 0, "Hard": 0},
+        ],
+        "ShmSize": parse_size(policy.shm_size),
+        "Tmpfs": {
+            "/tmp": f"{tmpfs_flags},size={parse_size(policy.tmp_size)},mode=1777",
+            HOME: f"{tmpfs_flags},size={parse_size(policy.home_size)},uid={uid},gid={gid},mode=0700",
+        },
+        "Mounts": mounts,
+        "LogConfig": {"Type": policy.log_driver,
+                      "Config": {"max-size": "1m", "max-file": "1"} if policy.log_driver == "local" else {}},
+        "RestartPolicy": {"Name": "no"},
+        "OomScoreAdj": 500,
+        "AutoRemove": False,
+    }
+    if policy.runtime:
+        host_config["Runtime"] = policy.runtime
+    return {
+        "Image": image,
+        "Cmd": command,
+        "User": f"{uid}:{gid}",
+        "WorkingDir": WORKDIR,
+        "Env": [f"{k}={v}" for k, v in env.items()],
+        "Labels": dict(labels),
+        "Hostname": "sandbox",
+        "StopSignal": "SIGKILL",
+        "AttachStdin": False,
+        "AttachStdout": False,
+        "AttachStderr": False,
+        "OpenStdin": False,
+        "Tty": False,
+        "HostConfig": host_config,
+    }
+
+
+def work_volume_options(policy: Policy, uid: int, gid: int) -> dict[str, str]:
+    """driver_opts of the per-session working-directory volume.
+
+    A tmpfs volume rather than ``--tmpfs``: with a read-only root filesystem
+    the archive API (upload/download) cannot write into a plain tmpfs mount,
+    but it can into a volume. The size option makes it bounded.
+    """
+    size = parse_size(policy.workdir_size)
+    return {
+        "type": "tmpfs",
+        "device": "tmpfs",
+        "o": f"size={size},uid={uid},gid={gid},mode=0700,noexec,nosuid,nodev",
+    }

@@ -1,0 +1,408 @@
+"""Sessions: one sandboxed kernel each, with state kept across executions.
+
+``AsyncSession`` is the core; ``Session`` runs it on a background event loop
+so that synchronous code (scripts, notebooks, most agent tools) gets the same
+behaviour with no duplicated logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import secrets
+import tarfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Coroutine, TypeVar
+
+from ._loop import LoopThread
+from .client import Callbacks, KernelClient, KernelGone
+from .container import PORTS, ConnectionInfo, Sandbox
+from .dockerapi import DockerAPIError, api
+from .errors import (
+    ExecutionTimeout,
+    KernelDied,
+    ProtocolError,
+    SandboxError,
+    SandboxStartError,
+    SessionClosed,
+)
+from .policy import WORKDIR, Policy, parse_size
+from .protocol import new_key
+from .results import Execution, MimeBundle
+from .sockdir import SOCKET_BASENAME
+
+log = logging.getLogger("kernelexec")
+T = TypeVar("T")
+
+
+class AsyncSession:
+    """A Jupyter kernel in its own hardened container.
+
+    Use ``async with AsyncSession() as s:``. Every wait has a deadline; every
+    failure is a typed error that says whether the kernel's state survived.
+    """
+
+    def __init__(self, policy: Policy | None = None, *, image: str | None = None) -> None:
+        self.policy = policy or Policy()
+        self._image = image or self.policy.image
+        self.id = secrets.token_hex(6)
+        self._sandbox: Sandbox | None = None
+        self._client: KernelClient | None = None
+        self._dead: KernelDied | None = None
+        self._closed = False
+        self._lock: asyncio.Lock | None = None
+        self.kernel_info: dict[str, Any] = {}
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def container_id(self) -> str | None:
+        return self._sandbox.container_id if self._sandbox else None
+
+    @property
+    def socket_dir(self) -> Path | None:
+        return self._sandbox.sockdir.path if self._sandbox and self._sandbox.sockdir else None
+
+    @property
+    def alive(self) -> bool:
+        return self._client is not None and self._client.alive and self._dead is None
+
+    async def __aenter__(self) -> AsyncSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Create the container and connect to its kernel, within ``policy.start_timeout``."""
+        if self._closed:
+            raise SessionClosed("this session was closed; create a new one")
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        if self._sandbox is not None:
+            return
+        try:
+            await asyncio.wait_for(self._start(), self.policy.start_timeout)
+        except asyncio.TimeoutError:
+            await self._teardown()
+            raise SandboxStartError(
+                f"the sandbox did not come up within {self.policy.start_timeout:g} s; the engine may be "
+                "overloaded. Raise Policy.start_timeout or run `kernelexec doctor`"
+            ) from None
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def _start(self) -> None:
+        image = self._image or _default_image()
+        conn = ConnectionInfo(key=new_key(), session_id=self.id)
+        sandbox = Sandbox(self.policy, image, conn)
+        self._sandbox = sandbox
+        await sandbox.create()
+        attach = await sandbox.attach()
+        try:
+            await sandbox.start()
+            assert sandbox.sockdir is not None
+            names = [f"{SOCKET_BASENAME}-{PORTS[c]}" for c in ("shell", "iopub", "control")]
+            ready = asyncio.ensure_future(sandbox.sockdir.wait_for(names))
+            exited = asyncio.ensure_future(attach.wait_closed())
+            done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if ready not in done:
+                ready.cancel()
+                await asyncio.gather(ready, return_exceptions=True)
+                died = await sandbox.death(2.0)
+                said = attach.text()
+                raise SandboxStartError(
+                    f"the kernel exited before it was ready ({died.reason})"
+                    + (f"; it said:\n{said}" if said else "")
+                    + "\nCheck the image with `kernelexec doctor`."
+                )
+            ready.result()
+            endpoints = {c: sandbox.sockdir.open_socket(f"{SOCKET_BASENAME}-{PORTS[c]}")
+                         for c in ("shell", "iopub", "control")}
+            sandbox.sockdir.lock()
+            client = KernelClient(
+                conn.key, endpoints,
+                max_message_bytes=parse_size(self.policy.max_message_bytes),
+                max_output_bytes=parse_size(self.policy.max_output_bytes),
+            )
+            self._client = client
+            await client.connect()
+            info = asyncio.ensure_future(client.wait_ready())
+            done, _ = await asyncio.wait({info, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if info not in done:
+                info.cancel()
+                await asyncio.gather(info, return_exceptions=True)
+                raise SandboxStartError(f"the kernel exited while starting; it said:\n{attach.text()}")
+            self.kernel_info = info.result()
+            exited.cancel()
+            await asyncio.gather(exited, return_exceptions=True)
+        finally:
+            await attach.close()
+
+    async def close(self) -> None:
+        """Stop and remove the container, its volume and the socket directory."""
+        self._closed = True
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        client, self._client = self._client, None
+        sandbox, self._sandbox = self._sandbox, None
+        if client is not None:
+            await client.close()
+        if sandbox is not None:
+            await sandbox.destroy()
+
+    async def restart(self) -> None:
+        """A fresh kernel in a fresh container: nothing the old code left behind survives."""
+        if self._closed:
+            raise SessionClosed("this session was closed; create a new one")
+        await self._teardown()
+        self._dead = None
+        await self.start()
+
+    # -- execution -----------------------------------------------------------------
+
+    def _require(self) -> KernelClient:
+        if self._closed:
+            raise SessionClosed("this session was closed; create a new one")
+        if self._dead is not None:
+            raise KernelDied(self._dead.reason, exit_code=self._dead.exit_code, oom_killed=self._dead.oom_killed)
+        if self._client is None:
+            raise SandboxError("the session is not started; use `async with AsyncSession()` or call start()")
+        return self._client
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+        on_result: Callable[[MimeBundle], None] | None = None,
+    ) -> Execution:
+        """Run ``code`` in the kernel and return everything it produced.
+
+        ``timeout`` defaults to ``policy.timeout``. On timeout the kernel is
+        interrupted and :class:`ExecutionTimeout` is raised; if the interrupt
+        does not take within ``policy.interrupt_grace`` the kernel is replaced
+        and the error says the state was lost.
+        """
+        if self._lock is None:
+            await self.start()
+        assert self._lock is not None
+        async with self._lock:
+            client = self._require()
+            timeout = self.policy.timeout if timeout is None else timeout
+            try:
+                msg_id = await client.submit(code, Callbacks(on_stdout, on_stderr, on_result))
+                try:
+                    return await client.finish(msg_id, timeout)
+                except asyncio.TimeoutError:
+                    assert timeout is not None
+                    return await self._on_timeout(client, msg_id, timeout)
+            except (KernelGone, ProtocolError) as e:
+                raise await self._died(e) from e
+
+    async def _on_timeout(self, client: KernelClient, msg_id: str, timeout: float) -> Execution:
+        grace = self.policy.interrupt_grace
+        try:
+            await client.interrupt(grace)
+            partial = await client.finish(msg_id, grace)
+        except asyncio.TimeoutError:
+            partial = client.abandon(msg_id)
+            log.warning("session %s: kernel ignored the interrupt; replacing it", self.id)
+            await self.restart()
+            raise ExecutionTimeout(timeout, state_lost=True, partial=partial) from None
+        raise ExecutionTimeout(timeout, state_lost=False, partial=partial)
+
+    async def _died(self, cause: BaseException) -> KernelDied:
+        """Turn a lost connection into KernelDied with Docker's reason, and remember it."""
+        if isinstance(cause, ProtocolError):
+            died = KernelDied(f"the kernel broke the protocol: {cause}")
+        elif self._sandbox is not None:
+            died = await self._sandbox.death()
+        else:
+            died = KernelDied("the session was torn down")
+        self._dead = died
+        await self._teardown()
+        return died
+
+    async def interrupt(self) -> None:
+        """Interrupt the running code (KeyboardInterrupt in the kernel); state is kept."""
+        client = self._require()
+        try:
+            await client.interrupt(self.policy.interrupt_grace)
+        except asyncio.TimeoutError:
+            raise SandboxError(
+                f"the kernel did not acknowledge the interrupt within {self.policy.interrupt_grace:g} s; "
+                "call restart() for a fresh kernel"
+            ) from None
+        except (KernelGone, ProtocolError) as e:
+            raise await self._died(e) from e
+
+    # -- files ---------------------------------------------------------------------
+
+    async def upload(self, src: str | os.PathLike[str] | bytes, dest: str) -> str:
+        """Copy a host file (or bytes) into the working directory. Returns the path inside.
+
+        Goes through Docker's archive API: no host directory is mounted.
+        """
+        self._require()
+        assert self._sandbox is not None and self._sandbox.container_id is not None
+        data = src if isinstance(src, bytes) else await asyncio.to_thread(Path(src).read_bytes)
+        target = _in_workdir(dest)
+        limit = parse_size(self.policy.workdir_size)
+        if len(data) > limit:
+            raise SandboxError(f"{len(data)} bytes do not fit in the working directory "
+                               f"(Policy.workdir_size={self.policy.workdir_size!r})")
+        tar = _tar_one(target, data, self._sandbox.uid, self._sandbox.gid)
+        try:
+            await api().put_archive(self._sandbox.container_id, WORKDIR, tar)
+        except DockerAPIError as e:
+            raise SandboxError(f"upload to {target} failed: {e.explanation}") from e
+        return str(target)
+
+    async def download(self, src: str) -> bytes:
+        """Read one regular file from the working directory (bounded by its size)."""
+        self._require()
+        assert self._sandbox is not None and self._sandbox.container_id is not None
+        path = _in_workdir(src)
+        limit = parse_size(self.policy.workdir_size)
+        try:
+            tar = await api().get_archive(self._sandbox.container_id, str(path), limit + (1 << 20))
+        except DockerAPIError as e:
+            if e.status == 404:
+                raise FileNotFoundError(f"{path} does not exist in the sandbox") from e
+            raise SandboxError(f"download of {path} failed: {e.explanation}") from e
+        return _untar_one(tar, path)
+
+
+def _default_image() -> str:
+    from .image import image_tag
+
+    return image_tag()
+
+
+def _in_workdir(path: str) -> PurePosixPath:
+    p = PurePosixPath(path)
+    if not p.is_absolute():
+        p = PurePosixPath(WORKDIR) / p
+    parts: list[str] = []
+    for part in p.parts[1:]:
+        if part == "..":
+            raise SandboxError(f"{path!r} leaves the working directory; use a path under {WORKDIR}")
+        if part != ".":
+            parts.append(part)
+    p = PurePosixPath("/", *parts)
+    if p == PurePosixPath(WORKDIR) or PurePosixPath(WORKDIR) not in p.parents:
+        raise SandboxError(f"{path!r} is not a file under {WORKDIR}; files move only in and out of there")
+    return p
+
+
+def _tar_one(target: PurePosixPath, data: bytes, uid: int, gid: int) -> bytes:
+    buf = io.BytesIO()
+    rel = target.relative_to(WORKDIR)
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in reversed(list(rel.parents)[:-1]):
+            info = tarfile.TarInfo(str(d))
+            info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, 0o700, uid, gid
+            tar.addfile(info)
+        info = tarfile.TarInfo(str(rel))
+        info.size, info.mode, info.uid, info.gid = len(data), 0o600, uid, gid
+        info.mtime = int(time.time())
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _untar_one(tar: bytes, path: PurePosixPath) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as tf:
+        member = tf.next()
+        if member is None or not member.isreg():
+            raise SandboxError(f"{path} is not a regular file (links are not followed out of the sandbox)")
+        f = tf.extractfile(member)
+        assert f is not None
+        return f.read()
+
+
+class Session:
+    """The synchronous face of :class:`AsyncSession`: same API, no ``await``.
+
+    The I/O runs on a shared background event loop; callbacks are called on
+    that loop's thread.
+    """
+
+    def __init__(self, policy: Policy | None = None, *, image: str | None = None) -> None:
+        self._loop = LoopThread.acquire()
+        self._async = AsyncSession(policy, image=image)
+        self._released = False
+        try:
+            self._run(self._async.start())
+        except BaseException:
+            self._release()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run(coro)
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            LoopThread.release()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def id(self) -> str:
+        return self._async.id
+
+    @property
+    def policy(self) -> Policy:
+        return self._async.policy
+
+    @property
+    def container_id(self) -> str | None:
+        return self._async.container_id
+
+    @property
+    def socket_dir(self) -> Path | None:
+        return self._async.socket_dir
+
+    @property
+    def alive(self) -> bool:
+        return self._async.alive
+
+    def execute(self, code: str, *, timeout: float | None = None,
+                on_stdout: Callable[[str], None] | None = None,
+                on_stderr: Callable[[str], None] | None = None,
+                on_result: Callable[[MimeBundle], None] | None = None) -> Execution:
+        return self._run(self._async.execute(code, timeout=timeout, on_stdout=on_stdout,
+                                             on_stderr=on_stderr, on_result=on_result))
+
+    def interrupt(self) -> None:
+        self._run(self._async.interrupt())
+
+    def restart(self) -> None:
+        self._run(self._async.restart())
+
+    def upload(self, src: str | os.PathLike[str] | bytes, dest: str) -> str:
+        return self._run(self._async.upload(src, dest))
+
+    def download(self, src: str) -> bytes:
+        return self._run(self._async.download(src))
+
+    def close(self) -> None:
+        if self._released:
+            return
+        try:
+            self._run(self._async.close())
+        finally:
+            self._release()
