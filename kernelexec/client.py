@@ -32,6 +32,10 @@ log = logging.getLogger("kernelexec")
 IDLE_GRACE = 1.0
 IOPUB_HWM = 1000
 MAX_TRACEBACK = 64 * 1024
+KERNEL_CUT = TRUNCATION_MARKER.split(" at {")[0]  # the kernel side writes the same marker
+#: An execute_result this small is kept even past the output budget: it is the
+#: cell's value, what an agent reads first, and there is only one per cell.
+SMALL_RESULT = 64 * 1024
 
 Callback = Callable[[Any], None]
 
@@ -80,6 +84,7 @@ class _Pending:
     reply: asyncio.Future[Message]
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     clear_on_next: bool = False
+    host_cut: bool = False
     started: float = field(default_factory=time.monotonic)
     callback_error: BaseException | None = None
 
@@ -121,20 +126,25 @@ class _Pending:
         if t == "stream":
             name = "stderr" if c.get("name") == "stderr" else "stdout"
             text = str(c.get("text", ""))
+            if KERNEL_CUT in text:
+                ex.truncated = True  # the kernel cut it already; keep its marker
             text = self._take(text, name)
             if not text:
                 return
             last = ex.outputs[-1] if ex.outputs else None
-            if isinstance(last, Stream) and last.name == name and not self.execution.truncated:
+            if isinstance(last, Stream) and last.name == name:
                 last.text += text
             else:
                 ex.outputs.append(Stream(name, text))
             self._call(self.callbacks.on_stdout if name == "stdout" else self.callbacks.on_stderr, text)
             return
-        if ex.truncated or ex.output_bytes + size > self.limit:
+        small_result = t == "execute_result" and size <= SMALL_RESULT
+        if not small_result and (self.host_cut or ex.output_bytes + size > self.limit):
             self._mark_truncated("stderr")
             return
         ex.output_bytes += size
+        if KERNEL_CUT in str(_dict(c.get("data")).get("text/plain", ""))[:200]:
+            ex.truncated = True
         bundle = MimeBundle(
             data=_dict(c.get("data")), metadata=_dict(c.get("metadata")), kind=t,  # type: ignore[arg-type]
             execution_count=c.get("execution_count") if isinstance(c.get("execution_count"), int) else None,
@@ -146,7 +156,7 @@ class _Pending:
     def _take(self, text: str, name: str) -> str:
         """What of ``text`` fits in the output budget; marks the cut."""
         ex = self.execution
-        if ex.truncated:
+        if ex.output_bytes >= self.limit:
             return ""
         room = self.limit - ex.output_bytes
         data = text.encode("utf-8", errors="replace")
@@ -165,7 +175,8 @@ class _Pending:
         return ""
 
     def _mark_truncated(self, name: str) -> None:
-        if not self.execution.truncated:
+        if not self.host_cut:
+            self.host_cut = True
             self.execution.truncated = True
             self.execution.outputs.append(Stream(name, "\n" + TRUNCATION_MARKER.format(limit=self.limit) + "\n"))  # type: ignore[arg-type]
 

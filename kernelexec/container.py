@@ -40,16 +40,10 @@ LABEL_POLICY = "kernelexec.policy"
 PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 _STDERR_TAIL = 4096
 
-#: Run in the kernel before the first cell. numpy 2 shows ``np.int64(6)`` for
-#: a scalar; agents (and people) read ``6``. Registered by name, so numpy is
-#: only imported if the code imports it.
-KERNEL_STARTUP = [
-    "exec(\"_f = get_ipython().display_formatter.formatters['text/plain']\\n"
-    "for _t in ('int8','int16','int32','int64','uint8','uint16','uint32','uint64','float16','float32',"
-    "'float64','longdouble','complex64','complex128','bool','bool_','str_','bytes_'):\\n"
-    "    _f.for_type_by_name('numpy', _t, lambda o, p, c: p.text(str(o)))\\n"
-    "del _f, _t\")",
-]
+def kernel_startup() -> str:
+    """One exec_lines entry that runs :mod:`kernelexec.kernel_side` inside the kernel."""
+    src = (Path(__file__).parent / "kernel_side.py").read_text()
+    return f"exec(compile({src!r}, 'kernelexec_startup', 'exec'))"
 
 
 T = TypeVar("T")
@@ -227,7 +221,7 @@ class Sandbox:
             # history on disk is pointless in a throwaway sandbox and costs time per cell
             "--HistoryManager.hist_file=:memory:",
             "--IPKernelApp.quiet=True",
-            *(f"--IPKernelApp.exec_lines={line}" for line in KERNEL_STARTUP),
+            f"--IPKernelApp.exec_lines={kernel_startup()}",
         ]
 
     async def start(self) -> None:

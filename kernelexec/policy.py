@@ -122,6 +122,12 @@ class Policy:
     workspace_read_only: bool = True
     #: Container runtime, e.g. ``"runsc"`` (gVisor). ``None``: the engine's default.
     runtime: str | None = None
+    #: seccomp profile: ``"kernelexec"`` (shipped, tighter than Docker's; see
+    #: :mod:`kernelexec.seccomp`), ``"docker-default"``, ``"unconfined"``, or a path to a JSON profile.
+    seccomp: str = "kernelexec"
+    #: AppArmor profile, applied when the host has AppArmor (Docker's ``docker-default`` confines
+    #: file and mount access further). ``"unconfined"`` turns it off.
+    apparmor: str = "docker-default"
     #: Docker log driver. ``"none"``: code writing to /proc/1/fd/1 cannot
     #: fill the host disk through Docker's unbounded json-file log.
     log_driver: Literal["none", "local"] = "none"
@@ -152,6 +158,8 @@ class Policy:
                              "container; kernelexec does not allow it")
         if any(k.startswith("kernelexec.") for k in self.labels):
             raise ValueError("labels starting with 'kernelexec.' are reserved")
+        if self.seccomp not in ("kernelexec", "docker-default", "unconfined") and not self.seccomp.endswith(".json"):
+            raise ValueError("seccomp must be 'kernelexec', 'docker-default', 'unconfined' or a path to a .json profile")
         if any(c.upper() == "ALL" for c in self.cap_add):
             raise ValueError("cap_add=ALL would undo the sandbox; name the capabilities you need")
 
@@ -173,6 +181,10 @@ class Policy:
         if self.workspace:
             mode = "read-only" if self.workspace_read_only else "read-write"
             out.append(f"workspace={self.workspace!r} mounted {mode}")
+        if self.seccomp != "kernelexec":
+            out.append(f"seccomp={self.seccomp!r}: not kernelexec's tighter syscall filter")
+        if self.apparmor == "unconfined":
+            out.append("apparmor='unconfined'")
         if self.log_driver != "none":
             out.append(f"log_driver={self.log_driver!r}: container output is stored on the host")
         if self.timeout is None:
@@ -240,16 +252,21 @@ def container_config(
         "PYTHONUNBUFFERED": "1",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "JUPYTER_PLATFORM_DIRS": "1",
+        "KERNELEXEC_MAX_OUTPUT": str(parse_size(policy.max_output_bytes)),
     }
     env.update(policy.env)
     memory = parse_size(policy.memory)
     fsize = parse_size(policy.max_file_size)
+    security_opt = ["no-new-privileges:true"] if policy.no_new_privileges else []
+    security_opt += seccomp_options(policy)
+    if apparmor_enabled():
+        security_opt.append(f"apparmor={policy.apparmor}")
     host_config: dict[str, Any] = {
         "NetworkMode": policy.network,
         "ReadonlyRootfs": policy.read_only,
         "CapDrop": ["ALL"],
         "CapAdd": list(policy.cap_add) or None,
-        "SecurityOpt": ["no-new-privileges:true"] if policy.no_new_privileges else [],
+        "SecurityOpt": security_opt,
         "Privileged": False,
         "Init": True,
         "IpcMode": "private",
@@ -294,6 +311,29 @@ def container_config(
         "Tty": False,
         "HostConfig": host_config,
     }
+
+
+def seccomp_options(policy: Policy) -> list[str]:
+    if policy.seccomp == "kernelexec":
+        from .seccomp import profile_json
+
+        return [f"seccomp={profile_json()}"]
+    if policy.seccomp == "docker-default":
+        return []
+    if policy.seccomp == "unconfined":
+        return ["seccomp=unconfined"]
+    from pathlib import Path
+
+    return [f"seccomp={Path(policy.seccomp).read_text()}"]
+
+
+def apparmor_enabled() -> bool:
+    """Whether the host kernel has AppArmor on (Docker can only apply a profile then)."""
+    try:
+        with open("/sys/module/apparmor/parameters/enabled") as f:
+            return f.read().strip() == "Y"
+    except OSError:
+        return False
 
 
 def work_volume_options(policy: Policy, uid: int, gid: int) -> dict[str, str]:

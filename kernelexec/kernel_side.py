@@ -1,0 +1,125 @@
+"""Code run inside the kernel at startup (sent as source; never imported on the host).
+
+It makes ordinary output friendlier and cheaper to carry, nothing more: the
+code in the sandbox can undo all of it, so none of it is a security boundary.
+The host enforces its own bounds on everything the kernel sends.
+
+* numpy 2 shows ``np.int64(6)``; agents and people read ``6``. Formatters are
+  registered by type name, so numpy is only imported if the code imports it.
+* IPython 9 keeps a copy of every byte written to stdout/stderr in
+  ``history_manager.outputs`` for the life of the kernel: a long agent session
+  grows without bound and one large print is an out-of-memory kill. It is not
+  kept here (the host has the output).
+* Output beyond ``KERNELEXEC_MAX_OUTPUT`` bytes per cell is dropped here, with
+  a marker, so that a 1 GB print or a 200 MB figure is cut before it crosses
+  the socket instead of being refused by the host.
+"""
+
+# This file is executed with exec() in the kernel's namespace; keep its names private.
+
+
+def _kernelexec_setup() -> None:
+    import os
+    import sys
+    import types
+
+    ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
+
+    class _Forget(dict):  # type: ignore[type-arg]
+        """Accepts writes, keeps nothing."""
+
+        def __contains__(self, key: object) -> bool:
+            return False
+
+        def __getitem__(self, key: object) -> list:  # type: ignore[type-arg]
+            return []
+
+    if hasattr(ip.history_manager, "outputs"):
+        ip.history_manager.outputs = _Forget()
+    fmt = ip.display_formatter.formatters["text/plain"]
+    for name in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+                 "float32", "float64", "longdouble", "complex64", "complex128", "bool", "bool_", "str_",
+                 "bytes_"):
+        fmt.for_type_by_name("numpy", name, lambda o, p, cycle: p.text(str(o)))
+
+    limit = int(os.environ.get("KERNELEXEC_MAX_OUTPUT", "0") or 0)
+    if limit <= 0:
+        return
+    SMALL_RESULT = 64 * 1024
+    marker = ("\n[kernelexec: output truncated at %d bytes; raise Policy.max_output_bytes to keep more]\n"
+              % limit)
+    state = {"used": 0, "cut": False}
+
+    def reset(*_: object) -> None:
+        state["used"] = 0
+        state["cut"] = False
+
+    ip.events.register("pre_execute", reset)
+
+    def take(n: int) -> int:
+        room = max(limit - state["used"], 0)
+        state["used"] += min(n, room)
+        return room
+
+    # IPython 9 re-assigns each stream's ``write`` around every cell (to tee it
+    # into history). A subclass whose ``write`` is a data descriptor keeps ours
+    # in place and ignores those assignments.
+    base = type(sys.stdout)
+    original = base.write
+
+    def write(self, text):  # type: ignore[no-untyped-def]
+        if state["cut"]:
+            return len(text)
+        room = take(len(text))
+        if len(text) <= room:
+            return original(self, text)
+        state["cut"] = True
+        original(self, text[:room] + marker)
+        return len(text)
+
+    capped = type("CappedOutStream", (base,), {
+        "write": property(lambda self: types.MethodType(write, self), lambda self, value: None),
+    })
+    for stream in (sys.stdout, sys.stderr):
+        if type(stream) is base:
+            vars(stream).pop("write", None)
+            stream.__class__ = capped
+
+    def too_big(data: dict) -> bool:
+        # 512: what a message costs on the wire besides its data (headers, signature)
+        size = 512 + sum(len(v) if isinstance(v, (str, bytes)) else 64 for v in data.values())
+        if state["cut"] or size > limit - state["used"]:
+            return True
+        take(size)
+        return False
+
+    pub = ip.display_pub
+    original_publish = pub.publish
+
+    def publish(data, metadata=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(data, dict) and too_big(data):
+            if not state["cut"]:
+                state["cut"] = True
+                data, metadata = {"text/plain": marker.strip()}, {}
+            else:
+                return None
+        return original_publish(data, metadata, *args, **kwargs)
+
+    pub.publish = publish
+
+    hook = ip.displayhook
+    original_write = hook.write_format_data
+
+    def write_format_data(format_dict, md_dict=None):  # type: ignore[no-untyped-def]
+        # the cell's value is what an agent reads first: a small one always passes
+        small = isinstance(format_dict, dict) and sum(len(str(v)) for v in format_dict.values()) <= SMALL_RESULT
+        if not small and isinstance(format_dict, dict) and too_big(format_dict):
+            state["cut"] = True
+            format_dict, md_dict = {"text/plain": marker.strip()}, {}
+        return original_write(format_dict, md_dict)
+
+    hook.write_format_data = write_format_data
+
+
+_kernelexec_setup()
+del _kernelexec_setup
