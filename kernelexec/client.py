@@ -30,7 +30,10 @@ log = logging.getLogger("kernelexec")
 
 #: After execute_reply, how long to wait for IOPub to catch up (its idle).
 IDLE_GRACE = 1.0
-IOPUB_HWM = 1000
+#: Receive high-water marks, in messages. With ``max_message_bytes`` they
+#: bound what ZeroMQ may buffer for one session: (16 + 4 + 4) messages.
+IOPUB_HWM = 16
+REPLY_HWM = 4
 MAX_TRACEBACK = 64 * 1024
 KERNEL_CUT = TRUNCATION_MARKER.split(" at {")[0]  # the kernel side writes the same marker
 #: An execute_result this small is kept even past the output budget: it is the
@@ -242,18 +245,21 @@ class KernelClient:
 
     async def connect(self) -> None:
         self._ctx = _acquire_context()
-        self._shell = self._socket(zmq.DEALER, "shell", 64)
-        self._control = self._socket(zmq.DEALER, "control", 64)
+        self._shell = self._socket(zmq.DEALER, "shell", REPLY_HWM)
+        self._control = self._socket(zmq.DEALER, "control", REPLY_HWM)
         self._iopub = self._socket(zmq.SUB, "iopub", IOPUB_HWM)
-        monitor = self._shell.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._sockets.append(monitor)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._read_replies(self._shell, "shell")),
             loop.create_task(self._read_replies(self._control, "control")),
             loop.create_task(self._read_iopub()),
-            loop.create_task(self._watch(monitor)),
         ]
+        # ZeroMQ drops a connection whose peer sent a frame over MAXMSGSIZE, and
+        # one whose peer died; either way the kernel is no longer trustworthy.
+        for name, sock in (("shell", self._shell), ("control", self._control), ("iopub", self._iopub)):
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._sockets.append(monitor)
+            self._tasks.append(loop.create_task(self._watch(monitor, name)))
 
     # -- readers -----------------------------------------------------------------
 
@@ -276,6 +282,8 @@ class KernelClient:
             raise
         except zmq.ZMQError as e:
             self._fail(KernelGone(f"{channel} channel failed: {e}"))
+        except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
+            self._fail(e)
 
     async def _read_iopub(self) -> None:
         try:
@@ -296,12 +304,16 @@ class KernelClient:
             raise
         except zmq.ZMQError as e:
             self._fail(KernelGone(f"iopub channel failed: {e}"))
+        except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
+            self._fail(e)
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+    async def _watch(self, monitor: zmq.asyncio.Socket, channel: str) -> None:
         while True:
             frames = await monitor.recv_multipart()
             if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
-                self._fail(KernelGone("the kernel closed its shell socket"))
+                self._fail(KernelGone(
+                    f"the {channel} connection closed: the kernel died, or sent a message larger "
+                    f"than max_message_bytes ({self._max_msg} bytes)"))
                 return
 
     def _fail(self, error: BaseException) -> None:

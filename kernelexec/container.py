@@ -241,8 +241,12 @@ class Sandbox:
                 return None
             raise
 
-    async def death(self, wait: float = 5.0) -> KernelDied:
-        """The typed error for a kernel that went away, with Docker's reason."""
+    async def death(self, wait: float = 2.0, cause: str | None = None) -> KernelDied:
+        """The typed error for a kernel that went away, with Docker's reason.
+
+        ``cause`` is what the client saw; it is the reason when the container
+        still runs (the kernel broke its bounds rather than died).
+        """
         if self.container_id is None:
             return KernelDied("the container was never created")
         try:
@@ -256,7 +260,7 @@ class Sandbox:
         if state is None:
             return KernelDied("the container was removed by someone else")
         if state.get("Running"):
-            return KernelDied("the kernel stopped answering although its container still runs")
+            return KernelDied(cause or "the kernel stopped answering although its container still runs")
         reason, code, oom = describe_exit(state)
         return KernelDied(reason, exit_code=code, oom_killed=oom)
 

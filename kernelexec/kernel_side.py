@@ -10,6 +10,10 @@ The host enforces its own bounds on everything the kernel sends.
   ``history_manager.outputs`` for the life of the kernel: a long agent session
   grows without bound and one large print is an out-of-memory kill. It is not
   kept here (the host has the output).
+* Children the code forked and left to die stay zombies of the kernel and
+  keep their pids: after a fork bomb the pids limit would stay exhausted. They
+  are reaped around every cell, except those a ``subprocess.Popen`` or a
+  ``multiprocessing`` process still owns (their exit status is theirs to read).
 * Output beyond ``KERNELEXEC_MAX_OUTPUT`` bytes per cell is dropped here, with
   a marker, so that a 1 GB print or a 200 MB figure is cut before it crosses
   the socket instead of being refused by the host.
@@ -41,6 +45,43 @@ def _kernelexec_setup() -> None:
                  "float32", "float64", "longdouble", "complex64", "complex128", "bool", "bool_", "str_",
                  "bytes_"):
         fmt.for_type_by_name("numpy", name, lambda o, p, cycle: p.text(str(o)))
+
+    import subprocess
+    import weakref
+
+    popens: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()  # type: ignore[type-arg]
+    execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def tracked_execute_child(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = execute_child(self, *args, **kwargs)
+        popens.add(self)
+        return result
+
+    subprocess.Popen._execute_child = tracked_execute_child  # type: ignore[attr-defined]
+    me = str(os.getpid())
+
+    def reap(*_: object) -> None:
+        owned = {p.pid for p in list(popens) if p.returncode is None}
+        mp = sys.modules.get("multiprocessing.process")
+        if mp is not None:
+            owned |= {c.pid for c in list(getattr(mp, "_children", ())) if c.pid}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] == b"Z" and fields[1].decode() == me and int(entry) not in owned:
+                try:
+                    os.waitpid(int(entry), os.WNOHANG)
+                except ChildProcessError:
+                    pass  # reaped meanwhile by whoever owns it
+
+    ip.events.register("pre_execute", reap)
+    ip.events.register("post_execute", reap)
 
     limit = int(os.environ.get("KERNELEXEC_MAX_OUTPUT", "0") or 0)
     if limit <= 0:

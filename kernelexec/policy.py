@@ -98,7 +98,7 @@ class Policy:
     max_output_bytes: int | str = "8m"
     #: Largest single ZeroMQ frame accepted from the kernel. A larger one
     #: means the kernel broke its bounds: the session is closed.
-    max_message_bytes: int | str = "64m"
+    max_message_bytes: int | str = "16m"
 
     # --- isolation -----------------------------------------------------------
     #: Docker network mode. ``"none"`` leaves only the loopback interface:

@@ -225,7 +225,7 @@ class AsyncSession:
         if isinstance(cause, ProtocolError):
             died = KernelDied(f"the kernel broke the protocol: {cause}")
         elif self._sandbox is not None:
-            died = await self._sandbox.death()
+            died = await self._sandbox.death(cause=str(cause))
         else:
             died = KernelDied("the session was torn down")
         self._dead = died
