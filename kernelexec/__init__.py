@@ -12,12 +12,21 @@ from .errors import (
     SandboxStartError,
     SessionClosed,
 )
+from .auditlog import AuditLog, AuditLogError
 from .policy import Policy
+from .precheck import CodePolicy
+from .profiles import PolicyViolation, ProfileError, load_profiles
 from .results import ErrorInfo, Execution, MimeBundle, Stream
 from .session import AsyncSession, Session
 
 __all__ = [
     "AsyncSession",
+    "AuditLog",
+    "AuditLogError",
+    "CodePolicy",
+    "PolicyViolation",
+    "ProfileError",
+    "load_profiles",
     "DockerUnavailable",
     "ErrorInfo",
     "Execution",

@@ -205,6 +205,14 @@ class DockerAPI:
             raise
         return True
 
+    async def memory_peak(self, cid: str) -> int | None:
+        """The container's peak memory (cgroup v1 max_usage; current usage on cgroup v2)."""
+        stats = await self.call("GET", f"/containers/{cid}/stats", params={"stream": "false", "one-shot": "true"},
+                                what="container stats")
+        mem = (stats or {}).get("memory_stats") or {}
+        value = mem.get("max_usage") or mem.get("usage")
+        return int(value) if isinstance(value, int) else None
+
     async def put_archive(self, cid: str, path: str, tar: bytes) -> None:
         await self.request("PUT", f"/containers/{cid}/archive", params={"path": path}, raw=tar,
                            content_type="application/x-tar", what=f"upload to {path}")

@@ -166,36 +166,41 @@ class Policy:
     def replace(self, **changes: Any) -> Policy:
         return dataclasses.replace(self, **changes)
 
-    def relaxations(self) -> list[str]:
-        """What this policy loosens compared with the defaults, in words."""
-        d = Policy()
+    def relaxations(self, base: Policy | None = None) -> list[str]:
+        """What this policy loosens compared with ``base`` (the defaults), in words."""
+        d = base or Policy()
         out: list[str] = []
-        if self.network != "none":
+        if self.network != d.network and self.network != "none":
             out.append(f"network={self.network!r}: the code can reach a network")
-        if not self.read_only:
+        if d.read_only and not self.read_only:
             out.append("read_only=False: the code can change the container's filesystem")
-        if self.cap_add:
-            out.append(f"cap_add={list(self.cap_add)}: capabilities given back")
-        if not self.no_new_privileges:
+        if set(self.cap_add) - set(d.cap_add):
+            out.append(f"cap_add={sorted(set(self.cap_add) - set(d.cap_add))}: capabilities given back")
+        if d.no_new_privileges and not self.no_new_privileges:
             out.append("no_new_privileges=False: setuid files can raise privileges")
-        if self.workspace:
+        if self.workspace and (self.workspace != d.workspace or (d.workspace_read_only and not self.workspace_read_only)):
             mode = "read-only" if self.workspace_read_only else "read-write"
             out.append(f"workspace={self.workspace!r} mounted {mode}")
-        if self.seccomp != "kernelexec":
+        if self.seccomp != d.seccomp and self.seccomp != "kernelexec":
             out.append(f"seccomp={self.seccomp!r}: not kernelexec's tighter syscall filter")
-        if self.apparmor == "unconfined":
+        if self.apparmor == "unconfined" and d.apparmor != "unconfined":
             out.append("apparmor='unconfined'")
-        if self.log_driver != "none":
+        if self.log_driver != d.log_driver and self.log_driver != "none":
             out.append(f"log_driver={self.log_driver!r}: container output is stored on the host")
-        if self.timeout is None:
-            out.append("timeout=None: an execution may run forever")
+        if self.runtime != d.runtime and d.runtime is not None:
+            out.append(f"runtime={self.runtime!r} instead of {d.runtime!r}")
+        for name in ("timeout", "start_timeout", "interrupt_grace"):
+            mine, theirs = getattr(self, name), getattr(d, name)
+            if theirs is not None and (mine is None or mine > theirs):
+                out.append(f"{name}={mine!r} is above {theirs!r}" if mine is not None
+                           else f"{name}=None: no limit")
         for name in ("memory", "tmp_size", "home_size", "shm_size", "workdir_size", "max_file_size",
                      "max_output_bytes", "max_message_bytes"):
             if parse_size(getattr(self, name)) > parse_size(getattr(d, name)):
-                out.append(f"{name}={getattr(self, name)!r} is above the default {getattr(d, name)!r}")
+                out.append(f"{name}={getattr(self, name)!r} is above {getattr(d, name)!r}")
         for name in ("cpus", "pids", "nofile", "nproc"):
             if getattr(self, name) > getattr(d, name):
-                out.append(f"{name}={getattr(self, name)!r} is above the default {getattr(d, name)!r}")
+                out.append(f"{name}={getattr(self, name)!r} is above {getattr(d, name)!r}")
         return out
 
     def to_json(self) -> str:

@@ -15,9 +15,10 @@ import secrets
 import tarfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Callable, Coroutine, NoReturn, TypeVar
 
 from ._loop import LoopThread
+from .auditlog import AuditLog, code_digest, open_audit_log
 from .client import Callbacks, KernelClient, KernelGone
 from .container import PORTS, ConnectionInfo, Sandbox
 from .dockerapi import DockerAPIError, api
@@ -30,8 +31,10 @@ from .errors import (
     SessionClosed,
 )
 from .policy import WORKDIR, Policy, parse_size
+from .precheck import CodePolicy
+from .profiles import profile_policy, within
 from .protocol import new_key
-from .results import Execution, MimeBundle
+from .results import ErrorInfo, Execution, MimeBundle
 from .sockdir import SOCKET_BASENAME
 
 log = logging.getLogger("kernelexec")
@@ -45,9 +48,27 @@ class AsyncSession:
     failure is a typed error that says whether the kernel's state survived.
     """
 
-    def __init__(self, policy: Policy | None = None, *, image: str | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        profiles_file: str | os.PathLike[str] | None = None,
+        audit_log: str | os.PathLike[str] | AuditLog | None = None,
+        precheck: CodePolicy | None = None,
+    ) -> None:
+        """``profile`` names a role's policy (see :mod:`kernelexec.profiles`); a ``policy``
+        given with it may only tighten it. ``audit_log`` is a JSON-lines file (default
+        ``$KERNELEXEC_AUDIT_LOG``). ``precheck`` refuses code before it runs."""
+        if profile is not None:
+            ceiling = profile_policy(profile, profiles_file)
+            policy = within(policy, ceiling, role=profile) if policy is not None else ceiling
         self.policy = policy or Policy()
+        self.profile = profile
         self._image = image or self.policy.image
+        self._audit = open_audit_log(audit_log)
+        self._precheck = precheck
         self.id = secrets.token_hex(6)
         self._sandbox: Sandbox | None = None
         self._client: KernelClient | None = None
@@ -87,6 +108,9 @@ class AsyncSession:
             return
         try:
             await asyncio.wait_for(self._start(), self.policy.start_timeout)
+            self._log("created", container=self.container_id, image=self._sandbox.image if self._sandbox else None,
+                      profile=self.profile, policy_sha256=code_digest(self.policy.to_json()),
+                      relaxations=self.policy.relaxations())
         except asyncio.TimeoutError:
             await self._teardown()
             raise SandboxStartError(
@@ -146,8 +170,17 @@ class AsyncSession:
 
     async def close(self) -> None:
         """Stop and remove the container, its volume and the socket directory."""
+        if self._closed:
+            return
         self._closed = True
+        had = self._sandbox is not None
         await self._teardown()
+        if had:
+            self._log("closed")
+
+    def _log(self, event: str, **fields: Any) -> None:
+        if self._audit is not None:
+            self._audit.write(event, self.id, **fields)
 
     async def _teardown(self) -> None:
         client, self._client = self._client, None
@@ -164,6 +197,7 @@ class AsyncSession:
         await self._teardown()
         self._dead = None
         await self.start()
+        self._log("restarted", container=self.container_id)
 
     # -- execution -----------------------------------------------------------------
 
@@ -197,18 +231,40 @@ class AsyncSession:
         assert self._lock is not None
         async with self._lock:
             client = self._require()
+            if self._precheck is not None:
+                refusals = self._precheck.check(code)
+                if refusals:
+                    self._log("refused", code_sha256=code_digest(code), reasons=[str(r) for r in refusals])
+                    reason = "; ".join(str(r) for r in refusals)
+                    return Execution(code=code, status="refused",
+                                     outputs=[ErrorInfo("CodeRefused", reason,
+                                                        f"CodeRefused: the pre-check refused this code: {reason}")])
             timeout = self.policy.timeout if timeout is None else timeout
             try:
                 msg_id = await client.submit(code, Callbacks(on_stdout, on_stderr, on_result))
                 try:
-                    return await client.finish(msg_id, timeout)
+                    ex = await client.finish(msg_id, timeout)
                 except asyncio.TimeoutError:
                     assert timeout is not None
-                    return await self._on_timeout(client, msg_id, timeout)
+                    await self._on_timeout(client, msg_id, timeout, code)
             except (KernelGone, ProtocolError) as e:
-                raise await self._died(e) from e
+                died = await self._died(e)
+                self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
+                          oom_killed=died.oom_killed)
+                raise died from e
+            if self._audit is not None:
+                self._log("executed", code_sha256=code_digest(code), code_bytes=len(code.encode()),
+                          duration=round(ex.duration, 4), status=ex.status,
+                          error=ex.error.ename if ex.error else None, truncated=ex.truncated,
+                          peak_memory_bytes=await self._peak_memory())
+            return ex
 
-    async def _on_timeout(self, client: KernelClient, msg_id: str, timeout: float) -> Execution:
+    async def _peak_memory(self) -> int | None:
+        if self._sandbox is None or self._sandbox.container_id is None:
+            return None
+        return await api().memory_peak(self._sandbox.container_id)
+
+    async def _on_timeout(self, client: KernelClient, msg_id: str, timeout: float, code: str) -> NoReturn:
         grace = self.policy.interrupt_grace
         try:
             await client.interrupt(grace)
@@ -216,8 +272,10 @@ class AsyncSession:
         except asyncio.TimeoutError:
             partial = client.abandon(msg_id)
             log.warning("session %s: kernel ignored the interrupt; replacing it", self.id)
+            self._log("timeout", code_sha256=code_digest(code), timeout=timeout, state_lost=True)
             await self.restart()
             raise ExecutionTimeout(timeout, state_lost=True, partial=partial) from None
+        self._log("timeout", code_sha256=code_digest(code), timeout=timeout, state_lost=False)
         raise ExecutionTimeout(timeout, state_lost=False, partial=partial)
 
     async def _died(self, cause: BaseException) -> KernelDied:
@@ -235,6 +293,7 @@ class AsyncSession:
     async def interrupt(self) -> None:
         """Interrupt the running code (KeyboardInterrupt in the kernel); state is kept."""
         client = self._require()
+        self._log("interrupted")
         try:
             await client.interrupt(self.policy.interrupt_grace)
         except asyncio.TimeoutError:
@@ -336,9 +395,19 @@ class Session:
     that loop's thread.
     """
 
-    def __init__(self, policy: Policy | None = None, *, image: str | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        profiles_file: str | os.PathLike[str] | None = None,
+        audit_log: str | os.PathLike[str] | AuditLog | None = None,
+        precheck: CodePolicy | None = None,
+    ) -> None:
+        self._async = AsyncSession(policy, image=image, profile=profile, profiles_file=profiles_file,
+                                   audit_log=audit_log, precheck=precheck)
         self._loop = LoopThread.acquire()
-        self._async = AsyncSession(policy, image=image)
         self._released = False
         try:
             self._run(self._async.start())
