@@ -118,3 +118,19 @@ def test_precheck_unit_cases():
     assert p.check("import os\nos.execv('/bin/sh', [])")[0].what == "os.execv()"
     assert p.check("from os import system as s\ns('id')")
     assert p.check("def f(:\n  pass")[0].what == "code the pre-check cannot parse"
+
+
+def test_missing_runtime_is_a_clear_error(docker, kernel_image):
+    from kernelexec import SandboxStartError
+
+    from .conftest import leftovers
+
+    runtimes = docker.info().get("Runtimes") or {}
+    if "runsc" in runtimes:
+        with Session(Policy(image=kernel_image, runtime="runsc")) as s:
+            assert s.execute("1 + 1").text == "2"
+        return
+    before = leftovers(docker)
+    with pytest.raises(SandboxStartError, match="runsc"):
+        Session(Policy(image=kernel_image, runtime="runsc"))
+    assert leftovers(docker) == before
