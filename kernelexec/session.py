@@ -408,20 +408,24 @@ class Session:
         self._async = AsyncSession(policy, image=image, profile=profile, profiles_file=profiles_file,
                                    audit_log=audit_log, precheck=precheck)
         self._loop = LoopThread.acquire()
-        self._released = False
+        self._owns_loop = True
+        self._closed = False
         try:
             self._run(self._async.start())
         except BaseException:
-            self._release()
+            self._closed = True
+            LoopThread.release()
             raise
+
+    @classmethod
+    def _adopt(cls, session: AsyncSession, loop: LoopThread) -> Session:
+        """Wrap a started AsyncSession (from a pool, which keeps the loop alive)."""
+        self = cls.__new__(cls)
+        self._async, self._loop, self._owns_loop, self._closed = session, loop, False, False
+        return self
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(coro)
-
-    def _release(self) -> None:
-        if not self._released:
-            self._released = True
-            LoopThread.release()
 
     def __enter__(self) -> Session:
         return self
@@ -469,9 +473,11 @@ class Session:
         return self._run(self._async.download(src))
 
     def close(self) -> None:
-        if self._released:
+        if self._closed:
             return
+        self._closed = True
         try:
             self._run(self._async.close())
         finally:
-            self._release()
+            if self._owns_loop:
+                LoopThread.release()
