@@ -9,6 +9,7 @@ from .errors import (
     KernelExecError,
     ProtocolError,
     SandboxError,
+    SandboxLost,
     SandboxStartError,
     SessionClosed,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Policy",
     "ProtocolError",
     "SandboxError",
+    "SandboxLost",
     "SandboxStartError",
     "Session",
     "SessionClosed",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Coroutine, Iterator, TypeVar
 
 from .dockerapi import DockerAPIError, api, close_stream, socket_path
-from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxStartError
+from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxLost, SandboxStartError
 from .policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, resolve_user, work_volume_options
 from .sockdir import CONNECTION_FILE, SOCKET_BASENAME, SocketDir, owner_pid_of, remove_path, socket_root
 
@@ -40,10 +40,12 @@ LABEL_POLICY = "kernelexec.policy"
 PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 _STDERR_TAIL = 4096
 
-def kernel_startup() -> str:
-    """One exec_lines entry that runs :mod:`kernelexec.kernel_side` inside the kernel."""
-    src = (Path(__file__).parent / "kernel_side.py").read_text()
-    return f"exec(compile({src!r}, 'kernelexec_startup', 'exec'))"
+STARTUP_FILE = "startup.py"
+
+
+def kernel_startup_source() -> bytes:
+    """:mod:`kernelexec.kernel_side`, run by the kernel before the first cell."""
+    return (Path(__file__).parent / "kernel_side.py").read_bytes()
 
 
 T = TypeVar("T")
@@ -188,6 +190,7 @@ class Sandbox:
         _register(self)
         self.sockdir = SocketDir(self.uid, self.gid)
         self.sockdir.write_connection_file(self.conn.file_contents())
+        self.sockdir.write_file(STARTUP_FILE, kernel_startup_source())
         labels = self.labels()
         docker = api()
         self.volume = await docker.create_volume(
@@ -221,7 +224,7 @@ class Sandbox:
             # history on disk is pointless in a throwaway sandbox and costs time per cell
             "--HistoryManager.hist_file=:memory:",
             "--IPKernelApp.quiet=True",
-            f"--IPKernelApp.exec_lines={kernel_startup()}",
+            f"--IPKernelApp.exec_files={SOCKET_MOUNT}/{STARTUP_FILE}",
         ]
 
     async def start(self) -> None:
@@ -251,17 +254,22 @@ class Sandbox:
             return KernelDied("the container was never created")
         try:
             await asyncio.wait_for(api().wait(self.container_id), wait)
+            state = await self.inspect_state()
         except asyncio.TimeoutError:
-            pass  # still running after `wait` seconds: inspect says what we know
+            state = await self.inspect_state()  # still running after `wait` seconds: say what we know
         except DockerAPIError as e:
             if e.status != 404:
                 raise
-        state = await self.inspect_state()
+            state = None
+        except DockerUnavailable as e:
+            return SandboxLost(f"the Docker engine is unreachable ({e}); it may be restarting")
         if state is None:
-            return KernelDied("the container was removed by someone else")
+            return SandboxLost("the container was removed by someone else")
         if state.get("Running"):
             return KernelDied(cause or "the kernel stopped answering although its container still runs")
         reason, code, oom = describe_exit(state)
+        if not oom and state.get("Error"):
+            return SandboxLost(reason, exit_code=code)
         return KernelDied(reason, exit_code=code, oom_killed=oom)
 
     async def destroy(self) -> None:
@@ -500,6 +508,32 @@ async def agc(*, everything: bool = False) -> GcReport:
         if everything or process_start_ticks(pid) is None:
             _gc_dir(Path(entry.path), report)
     return report
+
+
+_startup_gc_done = False
+
+
+async def startup_gc() -> None:
+    """Once per process, before the first session: remove what dead owners left behind.
+
+    A failure here is logged, not raised: leftovers of another process must
+    not stop this one from working, and ``kernelexec gc`` reports them too.
+    """
+    global _startup_gc_done
+    if _startup_gc_done:
+        return
+    _startup_gc_done = True
+    try:
+        report = await agc()
+    except (SandboxError, OSError) as e:
+        log.warning("could not clean up after earlier crashed processes: %s", e)
+        return
+    for kind in ("containers", "volumes", "socket_dirs"):
+        if getattr(report, kind):
+            log.info("removed %d %s left by processes that died: %s", len(getattr(report, kind)),
+                     kind.replace("_", " "), ", ".join(getattr(report, kind)))
+    for err in report.errors:
+        log.warning("gc: %s", err)
 
 
 def gc(*, everything: bool = False) -> GcReport:

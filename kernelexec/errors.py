@@ -59,16 +59,29 @@ class KernelDied(SandboxError):
 
     state_lost = True
 
-    def __init__(self, reason: str, *, exit_code: int | None = None, oom_killed: bool = False) -> None:
+    def __init__(self, reason: str, *, exit_code: int | None = None, oom_killed: bool = False,
+                 restarted: bool = False) -> None:
         self.reason = reason
         self.exit_code = exit_code
         self.oom_killed = oom_killed
+        #: True when the session already replaced the kernel (``auto_restart=True``)
+        self.restarted = restarted
+        what = ("A fresh kernel was started (auto_restart); run your setup code again"
+                if restarted else "Call restart() for a fresh kernel")
         super().__init__(
-            f"the kernel died ({reason}); its state is lost. "
-            "Call restart() for a fresh kernel"
+            f"the kernel died ({reason}); its state is lost. {what}"
             + (" and use less memory, or raise Policy.memory" if oom_killed else "")
             + "."
         )
+
+    def again(self, *, restarted: bool = False) -> KernelDied:
+        """The same death reported once more (a later call on a dead session)."""
+        return type(self)(self.reason, exit_code=self.exit_code, oom_killed=self.oom_killed, restarted=restarted)
+
+
+class SandboxLost(KernelDied):
+    """The container went away under the session: removed or stopped by someone
+    else, or the Docker daemon restarted. All state is lost."""
 
 
 class ExecutionTimeout(KernelExecError):

@@ -14,6 +14,12 @@ The host enforces its own bounds on everything the kernel sends.
   keep their pids: after a fork bomb the pids limit would stay exhausted. They
   are reaped around every cell, except those a ``subprocess.Popen`` or a
   ``multiprocessing`` process still owns (their exit status is theirs to read).
+* A kernel whose host process died (SIGKILL, power loss of the agent) would
+  run until someone calls ``kernelexec gc``. A watchdog thread ends it once no
+  client has been connected to its shell socket for
+  ``KERNELEXEC_ORPHAN_TIMEOUT`` seconds; the container then stops by itself
+  and ``gc`` (or the next start on the host) removes it. It reads
+  ``/proc/net/unix`` every few seconds: cheap, and no socket is touched.
 * Output beyond ``KERNELEXEC_MAX_OUTPUT`` bytes per cell is dropped here, with
   a marker, so that a 1 GB print or a 200 MB figure is cut before it crosses
   the socket instead of being refused by the host.
@@ -82,6 +88,35 @@ def _kernelexec_setup() -> None:
 
     ip.events.register("pre_execute", reap)
     ip.events.register("post_execute", reap)
+
+    orphan_after = float(os.environ.get("KERNELEXEC_ORPHAN_TIMEOUT", "0") or 0)
+    if orphan_after > 0:
+        import threading
+        import time
+
+        shell_path = os.environ.get("KERNELEXEC_SHELL_SOCKET", "/run/kernelexec/k-1")
+
+        def connected() -> int:
+            n = 0
+            with open("/proc/net/unix") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 8 and parts[5] == "03" and parts[7] == shell_path:
+                        n += 1
+            return n
+
+        def watchdog() -> None:
+            alone_since = None
+            while True:
+                time.sleep(min(5.0, orphan_after / 3))
+                if connected():
+                    alone_since = None
+                elif alone_since is None:
+                    alone_since = time.monotonic()
+                elif time.monotonic() - alone_since >= orphan_after:
+                    os._exit(0)
+
+        threading.Thread(target=watchdog, name="kernelexec-orphan-watchdog", daemon=True).start()
 
     limit = int(os.environ.get("KERNELEXEC_MAX_OUTPUT", "0") or 0)
     if limit <= 0:

@@ -92,6 +92,9 @@ class Policy:
     start_timeout: float = 60.0
     #: How long an interrupt may take before the kernel is replaced.
     interrupt_grace: float = 3.0
+    #: A kernel with no host connected for this long ends itself (its owner
+    #: crashed); ``kernelexec gc`` or the next start removes the container.
+    orphan_timeout: float = 60.0
 
     # --- output bounds (the kernel is hostile: the host must stay bounded) ---
     #: Total output kept per execution; the rest is dropped with a marker.
@@ -145,7 +148,7 @@ class Policy:
                 raise ValueError(f"{name} must be a positive limit")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError("timeout must be positive or None")
-        if self.start_timeout <= 0 or self.interrupt_grace <= 0:
+        if self.start_timeout <= 0 or self.interrupt_grace <= 0 or self.orphan_timeout <= 0:
             raise ValueError("start_timeout and interrupt_grace must be positive")
         if self.user is not None:
             uid, _, gid = self.user.partition(":")
@@ -189,7 +192,7 @@ class Policy:
             out.append(f"log_driver={self.log_driver!r}: container output is stored on the host")
         if self.runtime != d.runtime and d.runtime is not None:
             out.append(f"runtime={self.runtime!r} instead of {d.runtime!r}")
-        for name in ("timeout", "start_timeout", "interrupt_grace"):
+        for name in ("timeout", "start_timeout", "interrupt_grace", "orphan_timeout"):
             mine, theirs = getattr(self, name), getattr(d, name)
             if theirs is not None and (mine is None or mine > theirs):
                 out.append(f"{name}={mine!r} is above {theirs!r}" if mine is not None
@@ -258,6 +261,7 @@ def container_config(
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "JUPYTER_PLATFORM_DIRS": "1",
         "KERNELEXEC_MAX_OUTPUT": str(parse_size(policy.max_output_bytes)),
+        "KERNELEXEC_ORPHAN_TIMEOUT": str(policy.orphan_timeout),
     }
     env.update(policy.env)
     memory = parse_size(policy.memory)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Coroutine, NoReturn, TypeVar
 from ._loop import LoopThread
 from .auditlog import AuditLog, code_digest, open_audit_log
 from .client import Callbacks, KernelClient, KernelGone
-from .container import PORTS, ConnectionInfo, Sandbox
+from .container import PORTS, ConnectionInfo, Sandbox, startup_gc
 from .dockerapi import DockerAPIError, api
 from .errors import (
     ExecutionTimeout,
@@ -57,8 +57,11 @@ class AsyncSession:
         profiles_file: str | os.PathLike[str] | None = None,
         audit_log: str | os.PathLike[str] | AuditLog | None = None,
         precheck: CodePolicy | None = None,
+        auto_restart: bool = False,
     ) -> None:
-        """``profile`` names a role's policy (see :mod:`kernelexec.profiles`); a ``policy``
+        """``auto_restart``: when the kernel dies, start a fresh one at once (the
+        KernelDied raised says so with ``restarted=True``), so the next call works.
+        ``profile`` names a role's policy (see :mod:`kernelexec.profiles`); a ``policy``
         given with it may only tighten it. ``audit_log`` is a JSON-lines file (default
         ``$KERNELEXEC_AUDIT_LOG``). ``precheck`` refuses code before it runs."""
         if profile is not None:
@@ -69,6 +72,7 @@ class AsyncSession:
         self._image = image or self.policy.image
         self._audit = open_audit_log(audit_log)
         self._precheck = precheck
+        self.auto_restart = auto_restart
         self.id = secrets.token_hex(6)
         self._sandbox: Sandbox | None = None
         self._client: KernelClient | None = None
@@ -122,6 +126,7 @@ class AsyncSession:
             raise
 
     async def _start(self) -> None:
+        await startup_gc()
         image = self._image or _default_image()
         conn = ConnectionInfo(key=new_key(), session_id=self.id)
         sandbox = Sandbox(self.policy, image, conn)
@@ -192,6 +197,13 @@ class AsyncSession:
 
     async def restart(self) -> None:
         """A fresh kernel in a fresh container: nothing the old code left behind survives."""
+        if self._lock is None:
+            await self.start()
+            return
+        async with self._lock:
+            await self._restart_unlocked()
+
+    async def _restart_unlocked(self) -> None:
         if self._closed:
             raise SessionClosed("this session was closed; create a new one")
         await self._teardown()
@@ -205,7 +217,7 @@ class AsyncSession:
         if self._closed:
             raise SessionClosed("this session was closed; create a new one")
         if self._dead is not None:
-            raise KernelDied(self._dead.reason, exit_code=self._dead.exit_code, oom_killed=self._dead.oom_killed)
+            raise self._dead.again()
         if self._client is None:
             raise SandboxError("the session is not started; use `async with AsyncSession()` or call start()")
         return self._client
@@ -250,7 +262,10 @@ class AsyncSession:
             except (KernelGone, ProtocolError) as e:
                 died = await self._died(e)
                 self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
-                          oom_killed=died.oom_killed)
+                          oom_killed=died.oom_killed, lost=type(died).__name__)
+                if self.auto_restart:
+                    await self._restart_unlocked()
+                    raise died.again(restarted=True) from e
                 raise died from e
             if self._audit is not None:
                 self._log("executed", code_sha256=code_digest(code), code_bytes=len(code.encode()),
@@ -273,7 +288,7 @@ class AsyncSession:
             partial = client.abandon(msg_id)
             log.warning("session %s: kernel ignored the interrupt; replacing it", self.id)
             self._log("timeout", code_sha256=code_digest(code), timeout=timeout, state_lost=True)
-            await self.restart()
+            await self._restart_unlocked()
             raise ExecutionTimeout(timeout, state_lost=True, partial=partial) from None
         self._log("timeout", code_sha256=code_digest(code), timeout=timeout, state_lost=False)
         raise ExecutionTimeout(timeout, state_lost=False, partial=partial)
@@ -404,9 +419,10 @@ class Session:
         profiles_file: str | os.PathLike[str] | None = None,
         audit_log: str | os.PathLike[str] | AuditLog | None = None,
         precheck: CodePolicy | None = None,
+        auto_restart: bool = False,
     ) -> None:
         self._async = AsyncSession(policy, image=image, profile=profile, profiles_file=profiles_file,
-                                   audit_log=audit_log, precheck=precheck)
+                                   audit_log=audit_log, precheck=precheck, auto_restart=auto_restart)
         self._loop = LoopThread.acquire()
         self._owns_loop = True
         self._closed = False

@@ -84,8 +84,11 @@ class SocketDir:
         return str(self.path / SOCKET_BASENAME)
 
     def write_connection_file(self, info: dict[str, Any]) -> None:
-        data = json.dumps(info).encode()
-        fd = os.open(CONNECTION_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        self.write_file(CONNECTION_FILE, json.dumps(info).encode())
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """A file for the kernel to read at startup; written once, never read back."""
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o400, dir_fd=self._dirfd())
         try:
             if os.geteuid() == 0:

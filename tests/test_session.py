@@ -38,7 +38,7 @@ def test_restart_gives_a_fresh_container_without_leftovers(session):
     session.execute("open('/tmp/mark', 'w').write('x'); import subprocess; p = subprocess.Popen(['sleep', '300'])")
     session.restart()
     r = session.execute("import os; (os.path.exists('/tmp/mark'), "
-                        "any(b'sleep' in open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit()))")
+                        "any(open(f'/proc/{p}/cmdline','rb').read().startswith(b'sleep') for p in os.listdir('/proc') if p.isdigit()))")
     assert r.text == "(False, False)"
 
 
