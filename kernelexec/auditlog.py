@@ -24,7 +24,13 @@ from .errors import KernelExecError
 
 
 class AuditLogError(KernelExecError):
-    """The audit log could not be written."""
+    """The audit log could not be written.
+
+    When it happens after code ran, ``execution`` holds the result, so that
+    nothing the code produced is lost with the audit record.
+    """
+
+    execution: object = None
 
 
 def code_digest(code: str) -> str:

@@ -164,6 +164,8 @@ class Sandbox:
         self.sockdir: SocketDir | None = None
         self.container_id: str | None = None
         self.volume: str | None = None
+        #: held open for the kernel's orphan watchdog: it ends the kernel when this closes
+        self.owner: socket.socket | None = None
         self._destroyed = False
 
     @property
@@ -278,6 +280,8 @@ class Sandbox:
             return
         self._destroyed = True
         errors: list[BaseException] = []
+        if self.owner is not None:
+            self.owner.close()
         docker = api()
         for what, remove in ((self.container_id, docker.remove_container), (self.volume, docker.remove_volume)):
             if what is None:

@@ -15,11 +15,11 @@ The host enforces its own bounds on everything the kernel sends.
   are reaped around every cell, except those a ``subprocess.Popen`` or a
   ``multiprocessing`` process still owns (their exit status is theirs to read).
 * A kernel whose host process died (SIGKILL, power loss of the agent) would
-  run until someone calls ``kernelexec gc``. A watchdog thread ends it once no
-  client has been connected to its shell socket for
-  ``KERNELEXEC_ORPHAN_TIMEOUT`` seconds; the container then stops by itself
-  and ``gc`` (or the next start on the host) removes it. It reads
-  ``/proc/net/unix`` every few seconds: cheap, and no socket is touched.
+  run until someone calls ``kernelexec gc``. The kernel listens on an
+  ``owner`` socket that the host keeps one idle connection to; a watchdog
+  thread blocks on it, and once the host has been gone for
+  ``KERNELEXEC_ORPHAN_TIMEOUT`` seconds the kernel exits, the container stops
+  by itself, and ``gc`` (or the next start on the host) removes it.
 * Output beyond ``KERNELEXEC_MAX_OUTPUT`` bytes per cell is dropped here, with
   a marker, so that a 1 GB print or a 200 MB figure is cut before it crosses
   the socket instead of being refused by the host.
@@ -90,31 +90,25 @@ def _kernelexec_setup() -> None:
     ip.events.register("post_execute", reap)
 
     orphan_after = float(os.environ.get("KERNELEXEC_ORPHAN_TIMEOUT", "0") or 0)
-    if orphan_after > 0:
+    owner_path = os.environ.get("KERNELEXEC_OWNER_SOCKET", "")
+    if orphan_after > 0 and owner_path:
+        import socket
         import threading
-        import time
 
-        shell_path = os.environ.get("KERNELEXEC_SHELL_SOCKET", "/run/kernelexec/k-1")
-
-        def connected() -> int:
-            n = 0
-            with open("/proc/net/unix") as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 8 and parts[5] == "03" and parts[7] == shell_path:
-                        n += 1
-            return n
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(owner_path)
+        listener.listen(1)
+        listener.settimeout(orphan_after)
 
         def watchdog() -> None:
-            alone_since = None
             while True:
-                time.sleep(min(5.0, orphan_after / 3))
-                if connected():
-                    alone_since = None
-                elif alone_since is None:
-                    alone_since = time.monotonic()
-                elif time.monotonic() - alone_since >= orphan_after:
+                try:
+                    conn, _ = listener.accept()  # no owner within the timeout: orphaned
+                except socket.timeout:
                     os._exit(0)
+                with conn:
+                    while conn.recv(4096):  # returns b"" once the owner's process is gone
+                        pass
 
         threading.Thread(target=watchdog, name="kernelexec-orphan-watchdog", daemon=True).start()
 

@@ -27,6 +27,8 @@ HOME = "/home/sandbox"
 WORKDIR = "/work"
 SOCKET_MOUNT = "/run/kernelexec"
 KERNEL_PYTHON = "/opt/kernel/bin/python"
+#: The socket the host holds open for the kernel's orphan watchdog.
+OWNER_SOCKET = "owner"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -262,6 +264,7 @@ def container_config(
         "JUPYTER_PLATFORM_DIRS": "1",
         "KERNELEXEC_MAX_OUTPUT": str(parse_size(policy.max_output_bytes)),
         "KERNELEXEC_ORPHAN_TIMEOUT": str(policy.orphan_timeout),
+        "KERNELEXEC_OWNER_SOCKET": f"{SOCKET_MOUNT}/{OWNER_SOCKET}",
     }
     env.update(policy.env)
     memory = parse_size(policy.memory)

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Coroutine, NoReturn, TypeVar
 
 from ._loop import LoopThread
-from .auditlog import AuditLog, code_digest, open_audit_log
+from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
 from .client import Callbacks, KernelClient, KernelGone
 from .container import PORTS, ConnectionInfo, Sandbox, startup_gc
 from .dockerapi import DockerAPIError, api
@@ -30,7 +30,7 @@ from .errors import (
     SandboxStartError,
     SessionClosed,
 )
-from .policy import WORKDIR, Policy, parse_size
+from .policy import OWNER_SOCKET, WORKDIR, Policy, parse_size
 from .precheck import CodePolicy
 from .profiles import profile_policy, within
 from .protocol import new_key
@@ -136,7 +136,7 @@ class AsyncSession:
         try:
             await sandbox.start()
             assert sandbox.sockdir is not None
-            names = [f"{SOCKET_BASENAME}-{PORTS[c]}" for c in ("shell", "iopub", "control")]
+            names = [f"{SOCKET_BASENAME}-{PORTS[c]}" for c in ("shell", "iopub", "control")] + [OWNER_SOCKET]
             ready = asyncio.ensure_future(sandbox.sockdir.wait_for(names))
             exited = asyncio.ensure_future(attach.wait_closed())
             done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,6 +153,7 @@ class AsyncSession:
             ready.result()
             endpoints = {c: sandbox.sockdir.open_socket(f"{SOCKET_BASENAME}-{PORTS[c]}")
                          for c in ("shell", "iopub", "control")}
+            sandbox.owner = sandbox.sockdir.connect_plain(OWNER_SOCKET)
             sandbox.sockdir.lock()
             client = KernelClient(
                 conn.key, endpoints,
@@ -268,10 +269,14 @@ class AsyncSession:
                     raise died.again(restarted=True) from e
                 raise died from e
             if self._audit is not None:
-                self._log("executed", code_sha256=code_digest(code), code_bytes=len(code.encode()),
-                          duration=round(ex.duration, 4), status=ex.status,
-                          error=ex.error.ename if ex.error else None, truncated=ex.truncated,
-                          peak_memory_bytes=await self._peak_memory())
+                try:
+                    self._log("executed", code_sha256=code_digest(code), code_bytes=len(code.encode()),
+                              duration=round(ex.duration, 4), status=ex.status,
+                              error=ex.error.ename if ex.error else None, truncated=ex.truncated,
+                              peak_memory_bytes=await self._peak_memory())
+                except AuditLogError as e:
+                    e.execution = ex
+                    raise
             return ex
 
     async def _peak_memory(self) -> int | None:

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -142,6 +143,21 @@ class SocketDir:
         self._socket_fds.append(fd)
         return f"ipc:///proc/self/fd/{fd}"
 
+    def connect_plain(self, name: str) -> socket.socket:
+        """Connect a plain stream socket to a verified socket in the directory."""
+        endpoint = self.open_socket(name)
+        fd = self._socket_fds.pop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setblocking(False)
+            sock.connect(endpoint.removeprefix("ipc://"))
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.close(fd)  # the connection is made; nothing ever reconnects through this path
+        return sock
+
     def lock(self) -> None:
         """Take the directory back from the kernel once its sockets exist.
 
@@ -171,7 +187,10 @@ class SocketDir:
             _empty_dir(fd)
         finally:
             os.close(fd)
-        os.rmdir(self.path)
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass  # someone removed it from the host side already: nothing is left
 
 
 def _empty_dir(top: int) -> None:
