@@ -260,6 +260,11 @@ class AsyncSession:
                 except asyncio.TimeoutError:
                     assert timeout is not None
                     await self._on_timeout(client, msg_id, timeout, code)
+                except asyncio.CancelledError:
+                    # the caller gave up (a cancelled agent turn, Ctrl-C): stop the code too,
+                    # so the kernel is free and its state intact for the next call
+                    await asyncio.shield(self._on_cancel(client, msg_id, code))
+                    raise
             except (KernelGone, ProtocolError) as e:
                 died = await self._died(e)
                 self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
@@ -297,6 +302,22 @@ class AsyncSession:
             raise ExecutionTimeout(timeout, state_lost=True, partial=partial) from None
         self._log("timeout", code_sha256=code_digest(code), timeout=timeout, state_lost=False)
         raise ExecutionTimeout(timeout, state_lost=False, partial=partial)
+
+    async def _on_cancel(self, client: KernelClient, msg_id: str, code: str) -> None:
+        grace = self.policy.interrupt_grace
+        try:
+            await client.interrupt(grace)
+            await client.finish(msg_id, grace)
+            self._log("interrupted", code_sha256=code_digest(code), cause="cancelled")
+        except asyncio.TimeoutError:
+            client.abandon(msg_id)
+            log.warning("session %s: kernel ignored the interrupt after a cancel; replacing it", self.id)
+            self._log("timeout", code_sha256=code_digest(code), cause="cancelled", state_lost=True)
+            await self._restart_unlocked()
+        except (KernelGone, ProtocolError) as e:
+            died = await self._died(e)
+            self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
+                      oom_killed=died.oom_killed, lost=type(died).__name__)
 
     async def _died(self, cause: BaseException) -> KernelDied:
         """Turn a lost connection into KernelDied with Docker's reason, and remember it."""

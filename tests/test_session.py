@@ -271,3 +271,22 @@ def test_async_sessions_run_concurrently(kernel_image):
             return [ra.text, rb.text]
 
     assert asyncio.run(main()) == ["'a'", "'b'"]
+
+
+def test_cancelling_execute_interrupts_the_kernel(kernel_image):
+    import asyncio
+
+    async def main() -> tuple[str | None, float]:
+        async with AsyncSession(Policy(image=kernel_image)) as s:
+            await s.execute("kept = 7")
+            task = asyncio.ensure_future(s.execute("import time; time.sleep(30)"))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            t0 = asyncio.get_running_loop().time()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            r = await s.execute("kept")  # the kernel is free again at once, state intact
+            return r.text, asyncio.get_running_loop().time() - t0
+
+    text, elapsed = asyncio.run(main())
+    assert text == "7" and elapsed < 5
