@@ -73,6 +73,8 @@ class AsyncSession:
         self._audit = open_audit_log(audit_log)
         self._precheck = precheck
         self.auto_restart = auto_restart
+        #: every execution of this session, in order (for ``to_notebook``); restarts included
+        self.history: list[Execution] = []
         self.id = secrets.token_hex(6)
         self._sandbox: Sandbox | None = None
         self._client: KernelClient | None = None
@@ -282,7 +284,17 @@ class AsyncSession:
                 except AuditLogError as e:
                     e.execution = ex
                     raise
+                finally:
+                    self.history.append(ex)
+            else:
+                self.history.append(ex)
             return ex
+
+    def to_notebook(self) -> Any:
+        """An nbformat v4 notebook of every executed cell with its outputs."""
+        from .notebook import to_notebook
+
+        return to_notebook(self.history, self.kernel_info)
 
     async def _peak_memory(self) -> int | None:
         if self._sandbox is None or self._sandbox.container_id is None:
@@ -504,6 +516,13 @@ class Session:
 
     def interrupt(self) -> None:
         self._run(self._async.interrupt())
+
+    @property
+    def history(self) -> list[Execution]:
+        return self._async.history
+
+    def to_notebook(self) -> Any:
+        return self._async.to_notebook()
 
     def restart(self) -> None:
         self._run(self._async.restart())

@@ -290,3 +290,20 @@ def test_cancelling_execute_interrupts_the_kernel(kernel_image):
 
     text, elapsed = asyncio.run(main())
     assert text == "7" and elapsed < 5
+
+
+def test_to_notebook_is_a_valid_audit_trail(session):
+    import nbformat
+
+    session.execute("import matplotlib.pyplot as plt\nprint('hello')\nplt.plot([1, 2]); plt.show()\n6 * 7")
+    session.execute("1/0")
+    nb = session.to_notebook()
+    nbformat.validate(nb)
+    assert [c.source for c in nb.cells] == [session.history[0].code, "1/0"]
+    first, second = nb.cells
+    kinds = [o.output_type for o in first.outputs]
+    assert kinds == ["stream", "display_data", "execute_result"]
+    assert first.outputs[2].data["text/plain"] == "42" and first.execution_count == 1
+    assert second.outputs[0].output_type == "error" and second.outputs[0].ename == "ZeroDivisionError"
+    assert len(first.metadata["kernelexec"]["code_sha256"]) == 64
+    assert nb.metadata["kernelspec"]["name"] == "kernelexec"
