@@ -10,6 +10,8 @@ The host enforces its own bounds on everything the kernel sends.
   ``history_manager.outputs`` for the life of the kernel: a long agent session
   grows without bound and one large print is an out-of-memory kill. It is not
   kept here (the host has the output).
+* matplotlib builds its font list on first import (half a second); the image
+  carries one built at image build time, copied into the tmpfs home here.
 * Children the code forked and left to die stay zombies of the kernel and
   keep their pids: after a fork bomb the pids limit would stay exhausted. They
   are reaped around every cell, except those a ``subprocess.Popen`` or a
@@ -34,6 +36,14 @@ def _kernelexec_setup() -> None:
     import types
 
     ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
+
+    prebuilt = "/opt/kernel/share/matplotlib"
+    if os.path.isdir(prebuilt):
+        import shutil
+
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "matplotlib")
+        if not os.path.exists(cache):
+            shutil.copytree(prebuilt, cache)
 
     class _Forget(dict):  # type: ignore[type-arg]
         """Accepts writes, keeps nothing."""
