@@ -82,6 +82,8 @@ class AsyncSession:
         self._closed = False
         self._lock: asyncio.Lock | None = None
         self.kernel_info: dict[str, Any] = {}
+        #: channel -> ZeroMQ endpoint pinned to the verified socket (``ipc:///proc/self/fd/N``)
+        self.endpoints: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -92,6 +94,11 @@ class AsyncSession:
     @property
     def socket_dir(self) -> Path | None:
         return self._sandbox.sockdir.path if self._sandbox and self._sandbox.sockdir else None
+
+    @property
+    def key(self) -> bytes | None:
+        """The kernel's HMAC key, for other Jupyter clients of the same kernel (the provisioner)."""
+        return self._sandbox.conn.key if self._sandbox else None
 
     @property
     def alive(self) -> bool:
@@ -138,7 +145,7 @@ class AsyncSession:
         try:
             await sandbox.start()
             assert sandbox.sockdir is not None
-            names = [f"{SOCKET_BASENAME}-{PORTS[c]}" for c in ("shell", "iopub", "control")] + [OWNER_SOCKET]
+            names = [f"{SOCKET_BASENAME}-{port}" for port in PORTS.values()] + [OWNER_SOCKET]
             ready = asyncio.ensure_future(sandbox.sockdir.wait_for(names))
             exited = asyncio.ensure_future(attach.wait_closed())
             done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -153,8 +160,10 @@ class AsyncSession:
                     + "\nCheck the image with `kernelexec doctor`."
                 )
             ready.result()
-            endpoints = {c: sandbox.sockdir.open_socket(f"{SOCKET_BASENAME}-{PORTS[c]}")
-                         for c in ("shell", "iopub", "control")}
+            # every channel is pinned, including the two our client does not use (stdin, heartbeat),
+            # so that other Jupyter clients (the kernel provisioner) connect only to verified sockets
+            endpoints = {c: sandbox.sockdir.open_socket(f"{SOCKET_BASENAME}-{port}") for c, port in PORTS.items()}
+            self.endpoints = endpoints
             sandbox.owner = sandbox.sockdir.connect_plain(OWNER_SOCKET)
             sandbox.sockdir.lock()
             client = KernelClient(

@@ -57,6 +57,13 @@ def owner_pid_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def private_dir() -> Path:
+    """A host-only directory named like a socket directory (so ``gc`` finds it after a crash)."""
+    path = socket_root() / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(path, 0o700)
+    return path
+
+
 class SocketDir:
     """A private directory of unix sockets shared with one container."""
 
