@@ -404,9 +404,10 @@ class AsyncSession:
 
 
 def _default_image() -> str:
+    """``$KERNELEXEC_IMAGE``, else the image built from this version's recipe."""
     from .image import image_tag
 
-    return image_tag()
+    return os.environ.get("KERNELEXEC_IMAGE") or image_tag()
 
 
 def _in_workdir(path: str) -> PurePosixPath:
