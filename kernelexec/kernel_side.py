@@ -106,8 +106,10 @@ def _kernelexec_setup() -> None:
         import threading
 
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(owner_path)
+        # bound under another name and renamed once listening: the host connects as soon as the name exists
+        listener.bind(owner_path + ".tmp")
         listener.listen(1)
+        os.rename(owner_path + ".tmp", owner_path)
         listener.settimeout(orphan_after)
 
         def watchdog() -> None:
