@@ -1,63 +1,83 @@
 """The ``kernelexec`` command.
 
-Expected failures (no engine, no image, a timeout) print one line that says
-what to do and exit 2; a Python traceback means a bug.
+Expected failures (no engine, no image, a timeout, an unreadable file) print
+one line that says what to do and exit 2; a Python traceback means a bug.
+Exit 1 means the user's code failed; 0 that everything ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
+import signal
 import sys
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 
-from .errors import KernelExecError
+from .errors import ExecutionTimeout, KernelDied, KernelExecError
 from .policy import Policy
+from .results import Execution, MimeBundle
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .session import Session
+
+EXIT_OK, EXIT_CODE_FAILED, EXIT_KERNELEXEC_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(KernelExecError):
+    """A bad argument or an unreadable/unwritable file: reported like any expected error."""
+
+
+# -- shared helpers ---------------------------------------------------------------
+
+def _image(args: argparse.Namespace) -> str | None:
+    """The image asked for: ``--image``, else ``$KERNELEXEC_IMAGE``, else None (the library's default)."""
+    return args.image or os.environ.get("KERNELEXEC_IMAGE") or None
 
 
 def _policy(args: argparse.Namespace) -> Policy | None:
-    image = args.image or os.environ.get("KERNELEXEC_IMAGE")
+    image = _image(args)
     return Policy(image=image) if image else None
 
 
-def _session(args: argparse.Namespace) -> Any:
+def _session(args: argparse.Namespace, **kw: Any) -> Session:
+    """A session honouring ``--image``, ``--profile`` and ``--audit-log``.
+
+    With a profile the image goes into the policy, so the profile's check
+    (which may pin an image) sees it; ``$KERNELEXEC_IMAGE`` is not applied over
+    a profile, since a profile is the stricter statement of intent.
+    """
     from .session import Session
 
-    return Session(_policy(args), profile=args.profile, audit_log=args.audit_log)
+    if args.profile:
+        from .profiles import profile_policy
+
+        policy = profile_policy(args.profile)
+        if args.image:
+            policy = policy.replace(image=args.image)
+        return Session(policy, profile=args.profile, audit_log=args.audit_log, **kw)
+    return Session(image=_image(args), audit_log=args.audit_log, **kw)
 
 
-def _print_result(ex: Any, save_images: Path | None, counter: list[int]) -> None:
-    for b in ex.results:
-        if b.png is not None and save_images is not None:
-            save_images.mkdir(parents=True, exist_ok=True)
-            counter[0] += 1
-            path = save_images / f"image-{counter[0]}.png"
-            path.write_bytes(b.png)
-            print(f"[image saved to {path}]")
-        elif b.png is not None:
-            print("[image: pass --save-images DIR to keep it]")
-        elif b.kind == "execute_result" and b.text is not None:
-            print(b.text)
-    if ex.error is not None:
-        print(ex.error.traceback or f"{ex.error.ename}: {ex.error.evalue}", file=sys.stderr)
+def _echo(stream: TextIO) -> Callable[[str], None]:
+    """A callback writing kernel output through as it arrives (flushed: a pipe would hold it back)."""
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+    return write
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    if path.suffix == ".ipynb":
-        return _run_notebook(args, path)
-    code = path.read_text()
-    with _session(args) as s:
-        ex = s.execute(code, timeout=args.timeout,
-                       on_stdout=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
-                       on_stderr=lambda t: (sys.stderr.write(t), sys.stderr.flush()))
-        _print_result(ex, Path(args.save_images) if args.save_images else None, [0])
-        if args.output:
-            _write_notebook(s.to_notebook(), Path(args.output))
-    return 1 if ex.error is not None else 0
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror or e}") from e
 
 
 def _write_notebook(nb: Any, out: Path) -> None:
@@ -67,83 +87,215 @@ def _write_notebook(nb: Any, out: Path) -> None:
     try:
         out.write_text(nbformat.writes(nb))
     except OSError as e:
-        raise KernelExecError(f"cannot write {out}: {e.strerror or e}") from e
+        raise CliError(f"cannot write {out}: {e.strerror or e}") from e
+
+
+class ResultPrinter:
+    """Shows results as they arrive (an ``on_result`` callback), interleaved with stdout in order.
+
+    A terminal cannot show a PNG, so each image is saved to ``save_dir`` when
+    given, else the user is told how to keep it.
+    """
+
+    def __init__(self, save_dir: Path | None, out: TextIO | None = None) -> None:
+        self.save_dir = save_dir
+        self.out = out
+        self.saved: list[Path] = []
+
+    def __call__(self, bundle: MimeBundle) -> None:
+        out = self.out or sys.stdout
+        png = bundle.png
+        if png is not None:
+            print(self._image(png), file=out, flush=True)
+        elif bundle.text is not None:
+            print(bundle.text, file=out, flush=True)
+        elif bundle.data:
+            print(f"[{', '.join(sorted(bundle.data))} output: no text/plain form]", file=out, flush=True)
+
+    def _image(self, png: bytes) -> str:
+        if self.save_dir is None:
+            return f"[image/png, {len(png)} bytes: pass --save-images DIR to save it]"
+        path = self.save_dir / f"image-{len(self.saved) + 1}.png"
+        try:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png)
+        except OSError as e:
+            raise CliError(f"cannot save an image to {path}: {e.strerror or e}") from e
+        self.saved.append(path)
+        return f"[image saved to {path}]"
+
+
+def _print_error(ex: Execution) -> None:
+    if ex.error is not None:
+        print(ex.error.traceback or str(ex.error), file=sys.stderr, flush=True)
+
+
+# -- run ----------------------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if path.suffix == ".ipynb":
+        return _run_notebook(args, path)
+    code = _read_text(path)
+    printer = ResultPrinter(Path(args.save_images) if args.save_images else None)
+    with _session(args) as s:
+        ex = s.execute(code, timeout=args.timeout, on_stdout=_echo(sys.stdout), on_stderr=_echo(sys.stderr),
+                       on_result=printer)
+        if args.output:
+            _write_notebook(s.to_notebook(), Path(args.output))
+    _print_error(ex)
+    return EXIT_OK if ex.error is None else EXIT_CODE_FAILED
 
 
 def _run_notebook(args: argparse.Namespace, path: Path) -> int:
     import nbformat
 
-    from .notebook import execution_to_outputs
+    from .notebook import notebook_errors, run_notebook
 
-    nb = nbformat.read(path, as_version=4)
-    failed = False
+    try:
+        nb = nbformat.reads(_read_text(path), as_version=4)
+    except (ValueError, nbformat.ValidationError) as e:  # NotJSONError is a ValueError
+        raise CliError(f"{path} is not a readable notebook: {e}") from e
+    if not args.output:
+        print("note: no -o OUT.ipynb given; outputs are not kept", file=sys.stderr)
+
+    def report(index: int, cell: Any, ex: Execution) -> None:
+        print(f"cell {index + 1}/{len(nb.cells)} [{ex.execution_count}]: {ex.status} in {ex.duration:.2f} s",
+              file=sys.stderr)
+        _print_error(ex)
+
     with _session(args) as s:
-        for cell in nb.cells:
-            if cell.cell_type != "code" or not cell.source.strip():
-                continue
-            ex = s.execute(cell.source, timeout=args.timeout)
-            cell.outputs = execution_to_outputs(ex)
-            cell.execution_count = ex.execution_count
-            print(f"[{ex.execution_count}] {ex.status} in {ex.duration:.2f} s", file=sys.stderr)
-            if ex.error is not None:
-                print(ex.error.traceback, file=sys.stderr)
-                failed = True
-                if not args.allow_errors:
-                    break
-        nb.metadata["kernelspec"] = {"name": "kernelexec", "display_name": "Python 3 (kernelexec sandbox)",
-                                     "language": "python"}
+        run_notebook(s, nb, timeout=args.timeout, allow_errors=args.allow_errors, on_cell=report)
     if args.output:
         _write_notebook(nb, Path(args.output))
         print(f"wrote {args.output}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_CODE_FAILED if notebook_errors(nb) else EXIT_OK
+
+
+# -- repl ---------------------------------------------------------------------------
+
+def read_block(prompt: Callable[[str], str], number: int, interactive: bool) -> str | None:
+    """One input: a line, or a block opened by a line ending in ':' or '\\' and closed by a blank line.
+
+    Returns None at end of input. Prompts are shown only on a terminal, so
+    piped input gives output a test (or a script) can compare.
+    """
+    try:
+        lines = [prompt(f"In [{number}]: " if interactive else "")]
+    except EOFError:
+        return None
+    in_block = lines[0].rstrip().endswith((":", "\\"))
+    while in_block:
+        try:
+            line = prompt("   ...: " if interactive else "")
+        except EOFError:
+            break  # run what was typed, then the next read ends the session
+        if not line.strip():
+            break
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def cmd_repl(args: argparse.Namespace) -> int:
-    """A line-based prompt: a line ending in ':' or '\\' starts a block that ends at a blank line."""
+    """An interactive prompt in one sandbox: Ctrl-C interrupts the code (state kept), Ctrl-D leaves."""
     interactive = sys.stdin.isatty()
-    with _session(args) as s:
+    if interactive:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+    printer = ResultPrinter(Path(args.save_images) if args.save_images else None)
+    with _session(args, auto_restart=True) as s:
+        if not args.verbose:
+            # from here on a warning is news to the user (a kernel replaced after a Ctrl-C)
+            logging.getLogger("kernelexec").setLevel(logging.WARNING)
         if interactive:
-            print(f"kernelexec sandbox {s.id} (container {s.container_id[:12] if s.container_id else '?'}). "
-                  "Ctrl-D to quit, Ctrl-C to interrupt.")
-        n = 1
+            print(f"kernelexec sandbox {s.id} (container {(s.container_id or '?')[:12]}); "
+                  "Ctrl-C interrupts, Ctrl-D quits.")
+        number = 1
         while True:
             try:
-                line = input(f"In [{n}]: " if interactive else "")
-            except EOFError:
-                break
-            lines = [line]
-            while lines[-1].rstrip().endswith((":", "\\")) or (len(lines) > 1 and lines[-1].strip()):
-                try:
-                    lines.append(input("   ...: " if interactive else ""))
-                except EOFError:
-                    break
-            code = "\n".join(lines).strip()
-            if not code:
-                continue
-            try:
-                ex = s.execute(code, on_stdout=lambda t: (sys.stdout.write(t), sys.stdout.flush()),
-                               on_stderr=lambda t: (sys.stderr.write(t), sys.stderr.flush()))
+                code = read_block(input, number, interactive)
             except KeyboardInterrupt:
-                s.interrupt()
-                print("KeyboardInterrupt (the kernel was interrupted; state is kept)", file=sys.stderr)
+                print("\nKeyboardInterrupt (input discarded)", file=sys.stderr)
                 continue
-            except KernelExecError as e:
-                print(f"kernelexec: {e}", file=sys.stderr)
-                continue
-            _print_result(ex, None, [0])
-            n = (ex.execution_count or n) + 1
-    return 0
+            if code is None:
+                break
+            if code.strip():
+                number = _repl_execute(s, code, args.timeout, printer, number)
+    if interactive:
+        print()
+    return EXIT_OK
 
+
+def _repl_execute(s: Session, code: str, timeout: float | None, printer: ResultPrinter, number: int) -> int:
+    """Run one input; return the next prompt number. Errors are shown and the prompt goes on."""
+    try:
+        with CtrlCInterrupts(s):
+            ex = s.execute(code, timeout=timeout, on_stdout=_echo(sys.stdout), on_stderr=_echo(sys.stderr),
+                           on_result=printer)
+    except KeyboardInterrupt:
+        # the second Ctrl-C: execute() was cancelled, which interrupts the kernel once more and
+        # replaces it (with a warning) if it still does not stop within the policy's grace
+        print("KeyboardInterrupt: stopped waiting for the code", file=sys.stderr)
+        return number + 1
+    except (ExecutionTimeout, KernelDied) as e:
+        print(f"kernelexec: {e}", file=sys.stderr)
+        return 1 if e.state_lost else number + 1
+    _print_error(ex)
+    return (ex.execution_count or number) + 1
+
+
+class CtrlCInterrupts:
+    """While code runs, the first Ctrl-C interrupts the kernel; the second one stops waiting.
+
+    A plain KeyboardInterrupt would abandon ``execute()`` (which then interrupts
+    the kernel in the background and loses the execution's outputs). Calling
+    ``session.interrupt()`` from the SIGINT handler instead lets ``execute()``
+    return normally, with the kernel's own KeyboardInterrupt traceback, as in
+    IPython. The handler runs on the main thread while it waits for
+    ``execute()``; the interrupt goes through the session's I/O thread.
+    Outside the main thread (where signals cannot be handled) it does nothing.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.presses = 0
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> CtrlCInterrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.presses += 1
+        if self.presses > 1:
+            raise KeyboardInterrupt
+        try:
+            self.session.interrupt()
+        except KernelExecError as e:
+            # raising here would abandon execute() with the code still running: say it, keep waiting
+            print(f"kernelexec: {e}; press Ctrl-C again to stop waiting", file=sys.stderr, flush=True)
+
+
+# -- image, ps, gc ------------------------------------------------------------------
 
 def cmd_image_build(args: argparse.Namespace) -> int:
     from .image import build_image
 
     mode = "offline" if args.offline else "online" if args.online else "auto"
     start = time.monotonic()
-    tag = build_image(mode=mode, force=args.force,
-                      progress=lambda line: print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True))
+
+    def progress(line: str) -> None:
+        print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
+
+    tag = build_image(mode=mode, force=args.force, progress=progress)
     print(tag)
-    return 0
+    return EXIT_OK
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -152,24 +304,23 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from .container import list_sessions
 
     sessions = list_sessions(all_hosts=args.all_hosts)
     if args.json:
         print(json.dumps([asdict(s) for s in sessions], indent=2))
-        return 0
-    rows = [["SESSION", "CONTAINER", "STATUS", "OWNER", "CREATED", "IMAGE"]]
-    rows += [[s.session_id, s.container_id[:12], s.status,
-              f"{s.owner_pid}{'' if s.owner_alive else ' (gone)'}", s.created, s.image] for s in sessions]
-    print(_table(rows) if sessions else "no kernelexec sessions")
-    return 0
+        return EXIT_OK
+    if not sessions:
+        print("no kernelexec sessions")
+        return EXIT_OK
+    rows = [["SESSION", "CONTAINER", "STATUS", "OWNER", "HOST", "CREATED", "IMAGE"]]
+    rows += [[s.session_id, s.container_id[:12], s.status, f"{s.owner_pid}{'' if s.owner_alive else ' (gone)'}",
+              s.host, s.created, s.image] for s in sessions]
+    print(_table(rows))
+    return EXIT_OK
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from .container import gc
 
     report = gc(everything=args.all)
@@ -178,65 +329,113 @@ def cmd_gc(args: argparse.Namespace) -> int:
     else:
         print(f"removed {len(report.containers)} container(s), {len(report.volumes)} volume(s), "
               f"{len(report.socket_dirs)} socket dir(s)")
-        for item in report.containers + report.volumes + report.socket_dirs:
-            print(f"  {item}")
-        for err in report.errors:
-            print(f"error: {err}", file=sys.stderr)
-    return 1 if report.errors else 0
+        for kind, items in (("container", report.containers), ("volume", report.volumes),
+                            ("socket dir", report.socket_dirs)):
+            for item in items:
+                print(f"  {kind} {item}")
+    for err in report.errors:
+        print(f"kernelexec gc: {err}", file=sys.stderr)
+    return EXIT_CODE_FAILED if report.errors else EXIT_OK
+
+
+# -- doctor -------------------------------------------------------------------------
+
+class Doctor:
+    """Runs checks in order, printing PASS/FAIL/SKIP lines; a FAIL line says what to fix.
+
+    Later checks need earlier ones (no engine, no image check), so a check
+    whose prerequisite failed is skipped, not failed again with a confusing message.
+    """
+
+    def __init__(self) -> None:
+        self.failed = 0
+
+    def check(self, name: str, fn: Callable[[], str], *, needs: bool = True) -> bool:
+        if not needs:
+            print(f"SKIP  {name}: an earlier check failed", flush=True)
+            return False
+        try:
+            detail = fn()
+        except KernelExecError as e:
+            return self._fail(name, str(e))
+        except Exception as e:  # reported as a FAIL line with its type: doctor must get to its summary
+            return self._fail(name, f"{type(e).__name__}: {e}")
+        print(f"PASS  {name}: {detail}", flush=True)
+        return True
+
+    def _fail(self, name: str, why: str) -> bool:
+        self.failed += 1
+        print(f"FAIL  {name}: {why}", flush=True)
+        return False
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Check, in order, what a session needs; say how to fix the first thing missing."""
-    ok = True
+    """Check, in order, what a session needs; say how to fix each thing missing."""
+    d = Doctor()
+    local = d.check("DOCKER_HOST is a local unix socket", _check_docker_host)
+    engine = d.check("Docker engine reachable", _check_engine, needs=local)
+    d.check("socket root writable, paths short enough", _check_socket_root)
+    image = _image(args) or _default_tag()
+    present = d.check("kernel image present", lambda: _check_image(image), needs=engine)
+    d.check("ipc sandbox works (start, 1+1, close)", lambda: _check_smoke(args), needs=present)
+    print("all good" if not d.failed else "fix the FAIL lines above, then run `kernelexec doctor` again")
+    return EXIT_OK if not d.failed else EXIT_CODE_FAILED
 
-    def check(name: str, fn: Callable[[], str]) -> bool:
-        nonlocal ok
-        try:
-            detail = fn()
-        except Exception as e:  # doctor reports every failure as a line; that is its job
-            ok = False
-            print(f"FAIL  {name}: {e}")
-            return False
-        print(f"PASS  {name}: {detail}")
-        return True
 
+def _check_docker_host() -> str:
+    from .dockerapi import socket_path
+
+    path = socket_path()
+    return f"{path} ({'DOCKER_HOST' if os.environ.get('DOCKER_HOST') else 'default'})"
+
+
+def _check_engine() -> str:
     from .container import run_blocking
-    from .dockerapi import api, socket_path
-    from .image import image_present, image_tag
-    from .sockdir import socket_root
+    from .dockerapi import api
 
-    check("DOCKER_HOST is a local unix socket", socket_path)
-    engine = check("Docker engine reachable", lambda: "version " + str(run_blocking(api().version())["Version"]))
+    info = run_blocking(api().version())
+    return f"Docker {info.get('Version', '?')}, API {info.get('ApiVersion', '?')}"
+
+
+def _check_socket_root() -> str:
+    """The real thing: create a socket directory as a session would (it checks the path length)."""
+    from .sockdir import SocketDir, socket_root
+
     root = socket_root()
-    check("socket root", lambda: _socket_root_ok(root))
-    image = _policy(args).image if _policy(args) else image_tag()
-    if engine:
-        def present() -> str:
-            if not image_present(tag=image):
-                raise KernelExecError(f"{image} is missing: run `kernelexec image build`")
-            return image
-        if check("kernel image present", present):
-            check("ipc sandbox works (start, 1+1, close)", lambda: _smoke(args))
-    print("all good" if ok else "fix the FAIL lines above, then run `kernelexec doctor` again")
-    return 0 if ok else 1
+    try:
+        probe = SocketDir(os.getuid(), os.getgid())
+    except OSError as e:
+        raise CliError(f"cannot create a directory in {root} ({e.strerror or e}); "
+                       "set KERNELEXEC_SOCKET_ROOT to a writable directory with a short path") from e
+    probe.remove()
+    return f"{root} (socket paths like {probe.path}/k-5 fit)"
 
 
-def _socket_root_ok(root: Path) -> str:
-    if not os.access(root, os.W_OK):
-        raise KernelExecError(f"{root} is not writable; set KERNELEXEC_SOCKET_ROOT")
-    if len(str(root)) > 60:
-        raise KernelExecError(f"{root} is too long for unix socket paths; set KERNELEXEC_SOCKET_ROOT=/tmp")
-    return str(root)
+def _default_tag() -> str:
+    from .image import image_tag
+
+    return image_tag()
 
 
-def _smoke(args: argparse.Namespace) -> str:
+def _check_image(image: str) -> str:
+    from .image import image_present
+
+    if not image_present(tag=image):
+        raise CliError(f"{image} is not on the engine: run `kernelexec image build` (or pass --image)")
+    return image
+
+
+def _check_smoke(args: argparse.Namespace) -> str:
     t0 = time.monotonic()
     with _session(args) as s:
-        text = s.execute("1 + 1").text
+        text = s.execute("1 + 1", timeout=30).text
     if text != "2":
-        raise KernelExecError(f"1 + 1 gave {text!r}")
+        raise CliError(f"1 + 1 gave {text!r} in the sandbox; the image's kernel is broken, rebuild it with "
+                       "`kernelexec image build --force`")
     return f"ok in {time.monotonic() - t0:.2f} s"
 
+
+# -- audit, mcp, kernelspec -----------------------------------------------------------
 
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.agents:
@@ -247,14 +446,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps({"agents": findings_json(findings)}, indent=2))
         else:
             print(format_findings(findings))
-        return 1 if any(f.severity == "high" for f in findings) else 0
+        return EXIT_CODE_FAILED if any(f.severity == "high" for f in findings) else EXIT_OK
     from .audit import format_table, run_audit, to_json
     from .profiles import profile_policy
 
     policy = profile_policy(args.profile, args.profiles) if args.profile else _policy(args)
     audit_findings = run_audit(policy, args.profiles)
     print(to_json(audit_findings) if args.json else format_table(audit_findings))
-    return 1 if any(f.severity == "high" for f in audit_findings) else 0
+    return EXIT_CODE_FAILED if any(f.severity == "high" for f in audit_findings) else EXIT_OK
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
@@ -262,34 +461,50 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 
     run("streamable-http" if args.http else "stdio", policy=_policy(args), profile=args.profile,
         max_sessions=args.max_sessions, notebook_dir=args.notebook_dir, host=args.host, port=args.port)
-    return 0
+    return EXIT_OK
 
 
 def cmd_kernelspec(args: argparse.Namespace) -> int:
     from .provisioner import install_kernelspec
 
     path = install_kernelspec(user=not args.sys_prefix, prefix=sys.prefix if args.sys_prefix else None,
-                              image=args.image or os.environ.get("KERNELEXEC_IMAGE"), profile=args.profile)
+                              image=_image(args), profile=args.profile)
     print(f"installed kernelspec 'kernelexec' in {path}")
-    return 0
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------
+
+def _positive(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if f <= 0:
+        raise argparse.ArgumentTypeError("a timeout must be positive")
+    return f
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kernelexec", description="Sandboxed, stateful Jupyter kernels for agents.")
-    p.add_argument("--image", help="kernel image (default: $KERNELEXEC_IMAGE or the built-in recipe's tag)")
+    p.add_argument("--image", help="kernel image (default: $KERNELEXEC_IMAGE, else the built-in recipe's tag)")
     p.add_argument("--profile", help="named policy from the profile file")
     p.add_argument("--audit-log", help="append session events (JSON lines) to this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the library's warnings and what it cleans up")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a .py file or a notebook in a fresh sandbox")
-    r.add_argument("file")
-    r.add_argument("-o", "--output", help="write the executed notebook here")
-    r.add_argument("--timeout", type=float, help="seconds per cell / file")
-    r.add_argument("--save-images", metavar="DIR", help="save displayed PNGs here (for .py files)")
+    r.add_argument("file", help="a .py file, or a .ipynb notebook (its code cells run in order in one sandbox)")
+    r.add_argument("-o", "--output", help="write the executed notebook here (for a .py: the run as a notebook)")
+    r.add_argument("--timeout", type=_positive, help="seconds for the file, or per notebook cell")
+    r.add_argument("--save-images", metavar="DIR", help="save displayed PNGs here (.py files)")
     r.add_argument("--allow-errors", action="store_true", help="notebooks: keep going after a failing cell")
     r.set_defaults(fn=cmd_run)
 
-    sub.add_parser("repl", help="an interactive prompt in a sandbox").set_defaults(fn=cmd_repl)
+    rp = sub.add_parser("repl", help="an interactive prompt in a sandbox")
+    rp.add_argument("--timeout", type=_positive, help="seconds per input (default: the policy's)")
+    rp.add_argument("--save-images", metavar="DIR", help="save displayed PNGs here")
+    rp.set_defaults(fn=cmd_repl)
 
     img = sub.add_parser("image", help="the kernel image").add_subparsers(dest="image_command", required=True)
     b = img.add_parser("build", help="build the kernel image (skipped when up to date)")
@@ -300,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_image_build)
 
     ps = sub.add_parser("ps", help="list sessions")
-    ps.add_argument("--all-hosts", action="store_true")
+    ps.add_argument("--all-hosts", action="store_true", help="include sessions of other hosts sharing the engine")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(fn=cmd_ps)
 
@@ -332,15 +547,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _cli_logging(verbose: bool) -> Iterator[None]:
+    """The library's log lines on stderr, prefixed like the CLI's own, only when asked.
+
+    Without ``-v`` only errors show: a warning such as "could not clean up
+    after earlier crashed processes" would otherwise repeat, in other words,
+    the one error line the command prints. The logger is restored on return
+    because ``main()`` is also called in-process (tests, other tools).
+    """
+    logger = logging.getLogger("kernelexec")
+    saved = logger.level, logger.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kernelexec: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.fn(args))
+        with _cli_logging(args.verbose):
+            return int(args.fn(args))
     except KernelExecError as e:
         print(f"kernelexec: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"kernelexec: {e}", file=sys.stderr)
-        return 2
+        return EXIT_KERNELEXEC_ERROR
     except KeyboardInterrupt:
-        return 130
+        print("kernelexec: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -166,6 +166,8 @@ class Sandbox:
         self.volume: str | None = None
         #: held open for the kernel's orphan watchdog: it ends the kernel when this closes
         self.owner: socket.socket | None = None
+        #: a cleanup failed (engine down?): it is retried at the next start, and at exit
+        self.cleanup_failed = False
         self._destroyed = False
 
     @property
@@ -298,12 +300,14 @@ class Sandbox:
                 self.sockdir.remove()
             except OSError as e:
                 errors.append(e)
-        _unregister(self)
         if errors:
+            self._destroyed, self.cleanup_failed = False, True  # stays registered: retried later
             raise SandboxError(
                 f"cleaning up session {self.conn.session_id} failed ({errors[0]}); "
                 "run `kernelexec gc` to remove what is left"
             ) from errors[0]
+        self.cleanup_failed = False
+        _unregister(self)
 
     def destroy_blocking(self) -> None:
         run_blocking(self.destroy())
@@ -538,6 +542,16 @@ async def startup_gc() -> None:
                      kind.replace("_", " "), ", ".join(getattr(report, kind)))
     for err in report.errors:
         log.warning("gc: %s", err)
+
+
+async def retry_failed_cleanups() -> None:
+    """Finish cleanups that failed earlier (typically while the Docker engine was restarting)."""
+    for sb in live_sandboxes():
+        if sb.cleanup_failed:
+            try:
+                await sb.destroy()
+            except SandboxError as e:
+                log.warning("%s", e)  # still failing: stays registered for the next try and for exit
 
 
 def gc(*, everything: bool = False) -> GcReport:

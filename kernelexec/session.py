@@ -20,7 +20,7 @@ from typing import Any, Callable, Coroutine, NoReturn, TypeVar
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
 from .client import Callbacks, KernelClient, KernelGone
-from .container import PORTS, ConnectionInfo, Sandbox, startup_gc
+from .container import PORTS, ConnectionInfo, Sandbox, retry_failed_cleanups, startup_gc
 from .dockerapi import DockerAPIError, api
 from .errors import (
     ExecutionTimeout,
@@ -136,6 +136,7 @@ class AsyncSession:
 
     async def _start(self) -> None:
         await startup_gc()
+        await retry_failed_cleanups()
         image = self._image or _default_image()
         conn = ConnectionInfo(key=new_key(), session_id=self.id)
         sandbox = Sandbox(self.policy, image, conn)
@@ -349,7 +350,11 @@ class AsyncSession:
         else:
             died = KernelDied("the session was torn down")
         self._dead = died
-        await self._teardown()
+        try:
+            await self._teardown()
+        except SandboxError as e:
+            # the death is what the caller needs to hear; the cleanup is retried at the next start
+            log.warning("session %s: %s", self.id, e)
         return died
 
     async def interrupt(self) -> None:
