@@ -88,6 +88,7 @@ class _Pending:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     clear_on_next: bool = False
     host_cut: bool = False
+    frozen: bool = False
     started: float = field(default_factory=time.monotonic)
     callback_error: BaseException | None = None
 
@@ -97,8 +98,15 @@ class _Pending:
         t, c = msg.msg_type, msg.content
         ex = self.execution
         if t == "status":
-            if c.get("execution_state") == "idle":
+            state = c.get("execution_state")
+            if state == "idle":
                 self.idle.set()
+                self.frozen = True  # output after idle (a background thread) is not this cell's
+            elif state == "busy":
+                self.frozen = False  # a forged idle is followed by busy again
+            return
+        if self.frozen and t in ("stream", "execute_result", "display_data", "error", "clear_output",
+                                 "update_display_data"):
             return
         if t == "execute_input":
             if isinstance(c.get("execution_count"), int):
@@ -160,6 +168,7 @@ class _Pending:
         """What of ``text`` fits in the output budget; marks the cut."""
         ex = self.execution
         if ex.output_bytes >= self.limit:
+            self._mark_truncated(name)
             return ""
         room = self.limit - ex.output_bytes
         data = text.encode("utf-8", errors="replace")

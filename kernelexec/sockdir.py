@@ -79,6 +79,7 @@ class SocketDir:
         self.path = path
         self._fd: int | None = None
         self._socket_fds: list[int] = []
+        self._written: dict[str, int] = {}
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             if os.geteuid() == 0 and (uid, gid) != (0, 0):
@@ -92,10 +93,13 @@ class SocketDir:
         return str(self.path / SOCKET_BASENAME)
 
     def write_connection_file(self, info: dict[str, Any]) -> None:
-        self.write_file(CONNECTION_FILE, json.dumps(info).encode())
+        self.write_file(CONNECTION_FILE, json.dumps(info).encode(), locked_mode=0o400)
 
-    def write_file(self, name: str, data: bytes) -> None:
-        """A file for the kernel to read at startup; written once, never read back."""
+    def write_file(self, name: str, data: bytes, locked_mode: int = 0o444) -> None:
+        """A file for the kernel to read at startup; written once, never read back.
+
+        ``locked_mode`` is its mode once :meth:`lock` gives it to root (the key stays 0400)."""
+        self._written[name] = locked_mode
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o400, dir_fd=self._dirfd())
         try:
@@ -176,6 +180,15 @@ class SocketDir:
         if os.geteuid() != 0 or self.uid == 0:
             return
         fd = self._dirfd()
+        # the files the host wrote go back to root too: their owner could chmod them into a
+        # writable (host-disk-filling), executable or setuid file on the host's filesystem
+        for name, mode in self._written.items():
+            ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                os.fchown(ffd, 0, 0)
+                os.fchmod(ffd, mode)
+            finally:
+                os.close(ffd)
         os.fchown(fd, 0, 0)
         os.fchmod(fd, 0o755)
 

@@ -1,30 +1,76 @@
-"""The kernelexec command, as a user runs it (a subprocess), against a real engine."""
+"""The kernelexec command, as a user runs it (a subprocess), against a real engine.
+
+Every subprocess is checked for leftovers by its own pid afterwards: the
+conftest only sees this process's sessions, and a CLI that forgot to close
+its sandbox would otherwise pass unnoticed.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
+import pytest
 
 from kernelexec import Policy, Session
+from kernelexec.cli import main
+from kernelexec.container import docker_client
+from kernelexec.notebook import notebook_errors, run_notebook
+from kernelexec.sockdir import PREFIX, socket_root
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def kx(*args: str, image: str, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kernelexec", "--image", image, *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def owned_by(pid: int) -> tuple[list[str], list[str], list[str]]:
+    """Containers, volumes and socket directories of the sessions of process ``pid``."""
+    api = docker_client().api
+    label = {"label": f"kernelexec.owner_pid={pid}"}
+    containers = [c["Id"] for c in api.containers(all=True, filters=label)]
+    volumes = [v["Name"] for v in api.volumes(filters=label).get("Volumes") or []]
+    dirs = [p.name for p in socket_root().glob(f"{PREFIX}{pid}-*")]
+    return containers, volumes, dirs
 
+
+def remove_owned_by(pid: int) -> None:
+    """Last-resort cleanup for a test that failed before gc ran: no sandbox outlives the test run."""
+    api = docker_client().api
+    for cid in owned_by(pid)[0]:
+        api.remove_container(cid, force=True)
+    for name in owned_by(pid)[1]:
+        api.remove_volume(name, force=True)
+
+
+def kx(*args: str, image: str | None, stdin: str | None = None, env: dict[str, str] | None = None,
+       timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m kernelexec [--image IMAGE] ARGS``, asserting it left no sandbox behind."""
+    cmd = [sys.executable, "-m", "kernelexec", *(["--image", image] if image else []), *args]
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=env or ENV) as proc:
+        out, err = proc.communicate(stdin, timeout=timeout)
+    assert owned_by(proc.pid) == ([], [], []), f"`kernelexec {' '.join(args)}` left its sandbox behind"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# -- run: .py files --------------------------------------------------------------------
 
 def test_run_py_file(kernel_image):
     p = kx("run", str(ROOT / "examples" / "hello.py"), image=kernel_image)
     assert p.returncode == 0, p.stderr
-    assert "Network is unreachable" in p.stdout and "Read-only file system" in p.stdout
-    assert "uid 10001" in p.stdout and p.stdout.strip().endswith("13.200000000000001")
+    assert p.stdout.startswith("hello from the sandbox\n")
+    assert "outbound connection: Network is unreachable" in p.stdout
+    assert "writing to /usr: Read-only file system" in p.stdout
+    assert "network interfaces ['lo']" in p.stdout
+    uid = int(re.search(r"running as uid (\d+)", p.stdout).group(1))
+    assert uid != 0
+    assert p.stdout.splitlines()[-1] == "13.2"  # the value of the last line, printed as text/plain
 
 
 def test_run_failing_py_exits_1_with_traceback(kernel_image, tmp_path):
@@ -32,7 +78,63 @@ def test_run_failing_py_exits_1_with_traceback(kernel_image, tmp_path):
     f.write_text("print('before')\n{}['missing']\n")
     p = kx("run", str(f), image=kernel_image)
     assert p.returncode == 1
-    assert p.stdout == "before\n" and "KeyError" in p.stderr and "\x1b[" not in p.stderr
+    assert p.stdout == "before\n"
+    assert "KeyError: 'missing'" in p.stderr and "----> 2" in p.stderr
+    assert "\x1b[" not in p.stderr  # plain text: no terminal colour codes
+
+
+def test_run_streams_and_saves_images_in_process(kernel_image, tmp_path, capsys):
+    f = tmp_path / "plot.py"
+    f.write_text(textwrap.dedent("""
+        import sys
+        import matplotlib.pyplot as plt
+        print('out')
+        print('err', file=sys.stderr)
+        plt.plot([1, 3, 2])
+        plt.show()
+        'done'
+    """))
+    assert main(["--image", kernel_image, "run", str(f)]) == 0
+    captured = capsys.readouterr()
+    assert "out\n" in captured.out and "err\n" in captured.err
+    assert "pass --save-images DIR" in captured.out and captured.out.rstrip().endswith("'done'")
+
+    images = tmp_path / "images"
+    assert main(["--image", kernel_image, "run", str(f), "--save-images", str(images)]) == 0
+    assert f"[image saved to {images / 'image-1.png'}]" in capsys.readouterr().out
+    assert (images / "image-1.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_expected_errors_are_one_line(kernel_image, tmp_path):
+    p = kx("run", str(tmp_path / "missing.py"), image=kernel_image)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr == f"kernelexec: cannot read {tmp_path / 'missing.py'}: No such file or directory\n"
+
+    no_engine = kx("run", str(ROOT / "examples" / "hello.py"), image=kernel_image,
+                   env={**ENV, "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    assert no_engine.returncode == 2
+    assert no_engine.stderr.startswith("kernelexec: cannot reach the Docker engine")
+    assert no_engine.stderr.count("\n") == 1 and "Traceback" not in no_engine.stderr
+
+
+def test_run_timeout_is_an_expected_error(kernel_image, tmp_path):
+    f = tmp_path / "slow.py"
+    f.write_text("print('started', flush=True)\nimport time\ntime.sleep(60)\n")
+    p = kx("run", str(f), "--timeout", "2", image=kernel_image)
+    assert p.returncode == 2 and p.stdout == "started\n"
+    assert "exceeded its timeout of 2 s" in p.stderr and "Traceback" not in p.stderr
+
+
+# -- run: notebooks --------------------------------------------------------------------
+
+def code_cells(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_quickstart_is_committed_without_outputs():
+    nb = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert all(c.outputs == [] and c.execution_count is None for c in code_cells(nb))
 
 
 def test_run_notebook_writes_outputs(kernel_image, tmp_path):
@@ -41,58 +143,190 @@ def test_run_notebook_writes_outputs(kernel_image, tmp_path):
     assert p.returncode == 0, p.stderr
     nb = nbformat.read(out, as_version=4)
     nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.outputs for c in code)
-    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
-    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    cells = code_cells(nb)
+    assert all(c.outputs for c in cells)
+    assert any("image/png" in o.get("data", {}) for c in cells for o in c.outputs)
+    assert [c.execution_count for c in cells] == list(range(1, len(cells) + 1))
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for c in cells for o in c.outputs)
+    assert "network interfaces: ['lo']" in text and "read-only: True" in text and "565" in text
+    assert all(len(c.metadata["kernelexec"]["code_sha256"]) == 64 for c in cells)
 
 
-def test_run_notebook_stops_at_error(kernel_image, tmp_path):
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1/0"), nbformat.v4.new_code_cell("print(2)")])
-    src, out = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
-    nbformat.write(nb, src)
+def write_nb(path: Path, *sources: str) -> Path:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    nbformat.write(nb, path)
+    return path
+
+
+def test_run_notebook_stops_at_error_and_clears_stale_outputs(kernel_image, tmp_path):
+    src = write_nb(tmp_path / "in.ipynb", "1/0", "print(2)")
+    stale = nbformat.read(src, as_version=4)
+    stale.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="from an older run\n")]
+    nbformat.write(stale, src)
+    out = tmp_path / "out.ipynb"
     p = kx("run", str(src), "-o", str(out), image=kernel_image)
     assert p.returncode == 1 and "ZeroDivisionError" in p.stderr
     cells = nbformat.read(out, as_version=4).cells
-    assert cells[0].outputs[0].output_type == "error" and cells[1].outputs == []
+    assert cells[0].outputs[0].output_type == "error" and cells[0].outputs[0].ename == "ZeroDivisionError"
+    assert isinstance(cells[0].outputs[0].traceback, list)
+    assert cells[1].outputs == [] and cells[1].execution_count is None
 
+
+def test_run_notebook_allow_errors_goes_on(kernel_image, tmp_path):
+    src = write_nb(tmp_path / "in.ipynb", "x = 1\n1/0", "print(x + 1)")
+    out = tmp_path / "out.ipynb"
+    p = kx("run", str(src), "-o", str(out), "--allow-errors", image=kernel_image)
+    assert p.returncode == 1  # a cell failed, even though the run went on
+    cells = nbformat.read(out, as_version=4).cells
+    assert cells[1].outputs[0].text == "2\n"
+
+
+def test_notebook_cell_timeout_is_recorded_in_the_notebook(kernel_image, tmp_path):
+    src = write_nb(tmp_path / "in.ipynb", "print('a', flush=True)\nimport time\ntime.sleep(60)", "print('b')")
+    out = tmp_path / "out.ipynb"
+    p = kx("run", str(src), "-o", str(out), "--timeout", "2", image=kernel_image)
+    assert p.returncode == 1, p.stderr
+    first, second = nbformat.read(out, as_version=4).cells
+    assert first.outputs[0].text == "a\n"
+    assert first.outputs[-1].ename == "ExecutionTimeout" and "state are intact" in first.outputs[-1].evalue
+    assert second.outputs == []
+
+
+def test_run_notebook_in_process_reuses_a_session(session):
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("text"),
+        nbformat.v4.new_code_cell("import IPython.display as d\nd.display(d.Markdown('**hi**'))\ny = 2"),
+        nbformat.v4.new_code_cell("y / 0"),
+        nbformat.v4.new_code_cell("y * 21"),
+    ])
+    seen: list[int] = []
+    run_notebook(session, nb, allow_errors=True, on_cell=lambda i, cell, ex: seen.append(i))
+    nbformat.validate(nb)
+    assert seen == [1, 2, 3]
+    assert nb.cells[1].outputs[0].output_type == "display_data"
+    assert [i for i, _ in notebook_errors(nb)] == [2]
+    assert nb.cells[3].outputs[0].data["text/plain"] == "42"
+    assert session.execute("y").text == "2"  # the notebook ran in this session: its state is here
+
+
+# -- repl ------------------------------------------------------------------------------
 
 def test_repl_keeps_state(kernel_image):
-    p = kx("repl", image=kernel_image, stdin="x = 20\nfor i in range(2):\n    x += 1\n\nprint(x)\nx * 2\n")
+    p = kx("repl", image=kernel_image,
+           stdin="x = 20\nfor i in range(2):\n    x += 1\n\nprint(x)\nx * 2\ny = x + \\\n  1\n\ny\n1/0\nx\n")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["22", "44"]
+    assert p.stdout.split() == ["22", "44", "23", "22"]
+    assert "ZeroDivisionError" in p.stderr  # an error is shown and the prompt goes on
 
 
-def test_ps_shows_a_live_session_and_gc_keeps_it(kernel_image):
+def test_repl_ctrl_c_interrupts_the_code_and_keeps_state(kernel_image):
+    cmd = [sys.executable, "-m", "kernelexec", "--image", kernel_image, "repl"]
+    with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=ENV) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("x = 5\nimport time\nprint('sleeping', flush=True); time.sleep(120)\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "sleeping\n"  # the code is running now
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate("print(x)\n", timeout=90)  # well under the 120 s sleep
+    assert proc.returncode == 0, err
+    assert out == "5\n"
+    assert "KeyboardInterrupt" in err and "Traceback" in err  # the kernel's own traceback, as IPython shows
+    assert owned_by(proc.pid) == ([], [], [])
+
+
+# -- ps, gc ------------------------------------------------------------------------------
+
+def test_ps_shows_a_live_session(kernel_image):
     with Session(Policy(image=kernel_image)) as s:
-        p = kx("ps", "--json", image=kernel_image)
-        rows = json.loads(p.stdout)
+        rows = json.loads(kx("ps", "--json", image=kernel_image).stdout)
         mine = [r for r in rows if r["session_id"] == s.id]
         assert mine and mine[0]["owner_alive"] and mine[0]["status"] == "running"
-        g = kx("gc", "--json", image=kernel_image)
-        assert g.returncode == 0
-        assert s.container_id[:12] not in json.loads(g.stdout)["containers"]  # its owner is alive
-        assert s.execute("1").text == "1"
+        assert mine[0]["container_id"] == s.container_id and mine[0]["owner_pid"] == os.getpid()
+        table = kx("ps", image=kernel_image).stdout
+        assert table.startswith("SESSION") and s.id in table and s.container_id[:12] in table
 
+
+OWNER = textwrap.dedent("""
+    import sys, time
+    from kernelexec import Session
+    s = Session(image=sys.argv[1])
+    print(s.container_id, s.socket_dir, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_gc_removes_what_a_sigkilled_owner_left_and_keeps_live_sessions(kernel_image):
+    # the live session comes first: a process's first session cleans up after dead owners itself,
+    # which would leave nothing for `kernelexec gc` to show
+    with Session(Policy(image=kernel_image)) as live:
+        owner = subprocess.Popen([sys.executable, "-c", OWNER, kernel_image], stdout=subprocess.PIPE, text=True,
+                                 env=ENV)
+        try:
+            assert owner.stdout is not None
+            cid, sockdir = owner.stdout.readline().split()
+            owner.send_signal(signal.SIGKILL)
+            owner.wait(10)
+            assert owned_by(owner.pid)[0] == [cid] and Path(sockdir).is_dir()  # left behind, still running
+            p = kx("gc", "--json", image=kernel_image)
+            assert p.returncode == 0, p.stderr
+            report = json.loads(p.stdout)
+            assert cid[:12] in report["containers"] and sockdir in report["socket_dirs"]
+            assert owned_by(owner.pid) == ([], [], [])
+            assert not Path(sockdir).exists()
+            assert live.container_id[:12] not in report["containers"]  # its owner (this process) is alive
+            assert live.execute("1 + 1").text == "2"
+        finally:
+            if owner.poll() is None:
+                owner.kill()
+                owner.wait(10)
+            remove_owned_by(owner.pid)
+
+
+def test_gc_text_output(kernel_image):
+    p = kx("gc", image=kernel_image)
+    assert p.returncode == 0, p.stderr
+    assert re.match(r"removed \d+ container\(s\), \d+ volume\(s\), \d+ socket dir\(s\)", p.stdout)
+
+
+# -- doctor, image -----------------------------------------------------------------------
 
 def test_doctor_passes(kernel_image):
     p = kx("doctor", image=kernel_image)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "FAIL" not in p.stdout and p.stdout.count("PASS") == 5
+    assert "FAIL" not in p.stdout and "SKIP" not in p.stdout and p.stdout.count("PASS") == 5
+    assert re.search(r"PASS  Docker engine reachable: Docker \S+", p.stdout)
+    assert f"PASS  kernel image present: {kernel_image}" in p.stdout
 
 
-def test_doctor_names_what_to_fix(kernel_image):
+def test_doctor_names_what_to_fix(kernel_image, tmp_path):
     p = kx("doctor", image="kernelexec-no-such-image:0")
     assert p.returncode == 1 and "kernelexec image build" in p.stdout
+    assert "SKIP  ipc sandbox works" in p.stdout
+
+    remote = kx("doctor", image=kernel_image, env={**ENV, "DOCKER_HOST": "tcp://192.0.2.1:2375"})
+    assert remote.returncode == 1
+    assert "FAIL  DOCKER_HOST is a local unix socket" in remote.stdout
+
+    long_root = tmp_path / ("x" * 100)
+    long_root.mkdir()
+    deep = kx("doctor", image=kernel_image, env={**ENV, "KERNELEXEC_SOCKET_ROOT": str(long_root)})
+    assert deep.returncode == 1 and "KERNELEXEC_SOCKET_ROOT" in deep.stdout
 
 
-def test_image_build_is_skipped_when_up_to_date(kernel_image):
-    p = subprocess.run([sys.executable, "-m", "kernelexec", "image", "build"], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_image_build_is_skipped_when_up_to_date():
+    from kernelexec.image import image_present, image_tag
+
+    if not image_present(tag=image_tag()):
+        pytest.skip("the recipe's image is not built here; building it is test_image.py's job")
+    p = kx("image", "build", image=None)
     assert p.returncode == 0, p.stderr
-    assert "up to date" in p.stdout
+    assert "up to date" in p.stdout and re.search(r"^\[\s*\d+\.\ds\] ", p.stdout, re.M)
+    assert p.stdout.splitlines()[-1] == image_tag()
 
 
-def test_expected_errors_are_one_line(kernel_image, tmp_path):
-    p = kx("run", str(tmp_path / "missing.py"), image=kernel_image)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("kernelexec:")
+def test_help_and_module_entry_point():
+    p = kx("--help", image=None)
+    assert p.returncode == 0
+    for command in ("run", "repl", "image", "ps", "gc", "doctor"):
+        assert command in p.stdout
