@@ -41,6 +41,12 @@ PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 _STDERR_TAIL = 4096
 
 STARTUP_FILE = "startup.py"
+LAUNCH_FILE = "launch.py"
+
+
+def kernel_launch_source() -> bytes:
+    """:mod:`kernelexec.kernel_launch`, the kernel's main program when ``Policy.fast_kernel``."""
+    return (Path(__file__).parent / "kernel_launch.py").read_bytes()
 
 
 def kernel_startup_source() -> bytes:
@@ -195,6 +201,8 @@ class Sandbox:
         self.sockdir = SocketDir(self.uid, self.gid)
         self.sockdir.write_connection_file(self.conn.file_contents())
         self.sockdir.write_file(STARTUP_FILE, kernel_startup_source())
+        if self.policy.fast_kernel:
+            self.sockdir.write_file(LAUNCH_FILE, kernel_launch_source())
         labels = self.labels()
         docker = api()
         self.volume = await docker.create_volume(
@@ -223,8 +231,9 @@ class Sandbox:
             log.warning("session %s: policy loosened: %s", self.conn.session_id, r)
 
     def command(self) -> list[str]:
+        main = [f"{SOCKET_MOUNT}/{LAUNCH_FILE}"] if self.policy.fast_kernel else ["-m", "ipykernel_launcher"]
         return [
-            KERNEL_PYTHON, "-m", "ipykernel_launcher", "-f", f"{SOCKET_MOUNT}/{CONNECTION_FILE}",
+            KERNEL_PYTHON, *main, "-f", f"{SOCKET_MOUNT}/{CONNECTION_FILE}",
             # history on disk is pointless in a throwaway sandbox and costs time per cell
             "--HistoryManager.hist_file=:memory:",
             "--IPKernelApp.quiet=True",

@@ -108,6 +108,7 @@ class AsyncSessionPool:
             self.stats.refill_failures += 1
             self.stats.last_error = str(e)
             log.error("pool refill failed: %s", e)
+            await self._notify()
             return
         finally:
             self.stats.starting -= 1
@@ -133,6 +134,8 @@ class AsyncSessionPool:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            if self._closed:
+                raise PoolClosed("the pool is closed")
             while self._warm:
                 s = self._warm.pop()
                 if s.alive:
@@ -157,6 +160,25 @@ class AsyncSessionPool:
                     await asyncio.wait_for(self._capacity.wait(), remaining)
                 except asyncio.TimeoutError:
                     continue
+
+    async def wait_warm(self, count: int | None = None) -> None:
+        """Return once ``count`` (default: ``size``) sessions are warm.
+
+        For callers that want the next ``acquire`` to be a warm hit, e.g. after
+        a burst of releases. Raises when a refill fails meanwhile, with its error.
+        """
+        want = min(self.size if count is None else count, self.max_sessions)
+        if self._capacity is None:
+            await self.start(wait=False)
+        assert self._capacity is not None
+        failures = self.stats.refill_failures
+        async with self._capacity:
+            while len(self._warm) < want:
+                if self._closed:
+                    raise PoolClosed("the pool is closed")
+                if self.stats.refill_failures != failures:
+                    raise KernelExecError(f"a pool refill failed: {self.stats.last_error}")
+                await self._capacity.wait()
 
     def _lease(self, s: AsyncSession) -> AsyncSession:
         self._leased.add(s)
@@ -191,6 +213,8 @@ class AsyncSessionPool:
     async def close(self) -> None:
         """Close every session, warm and leased, and wait for all background work."""
         self._closed = True
+        if self._capacity is not None:
+            await self._notify()  # waiters in acquire() and wait_warm() see the pool closed
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=False)
         sessions = self._warm + list(self._leased)

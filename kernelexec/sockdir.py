@@ -256,6 +256,16 @@ def remove_path(path: Path) -> None:
     os.rmdir(path)
 
 
+async def wait_for_paths(directory: Path, names: list[str]) -> None:
+    """Return once every name exists in ``directory``; inotify, no polling. The caller bounds it."""
+    ino = _Inotify(directory)
+    try:
+        while not all((directory / n).exists() for n in names):
+            await ino.wait()
+    finally:
+        ino.close()
+
+
 class _Inotify:
     """Just enough inotify to wait for files to appear, driven by the event loop."""
 

@@ -50,6 +50,9 @@ def hostile(fake_image: str, docker, mode: str, **policy) -> Iterator[Session]:
     """A session on the fake kernel in ``mode``; after it, nothing of it may remain."""
     policy.setdefault("timeout", 30.0)
     policy.setdefault("interrupt_grace", 1.0)
+    # the fake stands in for `python -m ipykernel_launcher` (the stock launcher); what the host
+    # receives is the same whichever launcher runs, since code in the kernel controls the process
+    policy.setdefault("fast_kernel", False)
     s = Session(Policy(image=fake_image, env={"PYTHONPATH": "/fake", "FAKE_MODE": mode}, **policy))
     dirs = [s.socket_dir]
     try:
