@@ -124,6 +124,11 @@ def _kernelexec_setup() -> None:
 
         threading.Thread(target=watchdog, name="kernelexec-orphan-watchdog", daemon=True).start()
 
+    # A kernel's first cell pays for lazy imports and first-use set-up (about 5 ms); a pooled session's
+    # first user gets that cell. Run one silent cell now, while the host is still waiting for the kernel.
+    ip.run_cell("1", store_history=False, silent=True)
+    ip.display_formatter.format(1)
+
     limit = int(os.environ.get("KERNELEXEC_MAX_OUTPUT", "0") or 0)
     if limit <= 0:
         return

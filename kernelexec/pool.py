@@ -162,12 +162,12 @@ class AsyncSessionPool:
                     continue
 
     async def wait_warm(self, count: int | None = None) -> None:
-        """Return once ``count`` (default: ``size``) sessions are warm.
+        """Return once ``count`` sessions (default and at most: ``size``) are warm.
 
         For callers that want the next ``acquire`` to be a warm hit, e.g. after
         a burst of releases. Raises when a refill fails meanwhile, with its error.
         """
-        want = min(self.size if count is None else count, self.max_sessions)
+        want = self.size if count is None else min(count, self.size)  # the pool never keeps more
         if self._capacity is None:
             await self.start(wait=False)
         assert self._capacity is not None
@@ -255,6 +255,9 @@ class SessionPool:
 
     def release(self, session: Session) -> None:
         self._loop.run(self._async.release(session._async))
+
+    def wait_warm(self, count: int | None = None) -> None:
+        self._loop.run(self._async.wait_warm(count))
 
     @contextlib.contextmanager
     def session(self, timeout: float | None = None) -> Iterator[Session]:

@@ -522,6 +522,11 @@ class Session:
     def alive(self) -> bool:
         return self._async.alive
 
+    @property
+    def kernel_info(self) -> dict[str, Any]:
+        """The kernel's ``kernel_info_reply`` content (language, versions, features)."""
+        return self._async.kernel_info
+
     def execute(self, code: str, *, timeout: float | None = None,
                 on_stdout: Callable[[str], None] | None = None,
                 on_stderr: Callable[[str], None] | None = None,

@@ -87,3 +87,42 @@ def test_pool_start_failure_is_reported(docker):
     with pytest.raises(KernelExecError, match="kernelexec image build"):
         SessionPool(size=1, max_sessions=1, policy=Policy(image="kernelexec-no-such-image:0"))
     assert leftovers(docker) == before
+
+
+def test_wait_warm_refills_and_close_wakes_every_waiter(docker, policy):
+    before = leftovers(docker)
+
+    async def main() -> None:
+        pool = AsyncSessionPool(size=2, max_sessions=3, policy=policy)
+        await pool.start()
+        a, b = await pool.acquire(), await pool.acquire()
+        await pool.release(a)
+        await pool.release(b)
+        await pool.wait_warm()  # both replacements, started in the background
+        assert pool.stats.warm == 2 and pool.stats.leased == 0
+        # every session the pool may have is taken: both waiters must block until close()
+        held = [await pool.acquire() for _ in range(3)]
+        waiting = [asyncio.ensure_future(pool.acquire()), asyncio.ensure_future(pool.wait_warm(2))]
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waiting)
+        await pool.close()
+        for w in waiting:
+            with pytest.raises(PoolClosed):
+                await asyncio.wait_for(w, 10)
+        assert not any(s.alive for s in held)
+
+    asyncio.run(main())
+    assert leftovers(docker) == before
+
+
+def test_wait_warm_reports_a_failing_refill(docker):
+    async def main() -> None:
+        pool = AsyncSessionPool(size=1, max_sessions=1, policy=Policy(image="kernelexec-no-such-image:0"))
+        await pool.start(wait=False)
+        try:
+            with pytest.raises(KernelExecError, match="refill failed"):
+                await asyncio.wait_for(pool.wait_warm(), 30)
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
