@@ -15,6 +15,7 @@ from .errors import (
 )
 from .auditlog import AuditLog, AuditLogError
 from .policy import Policy
+from .pool import AsyncSessionPool, PoolClosed, PoolExhausted, PoolStats, SessionPool
 from .precheck import CodePolicy
 from .profiles import PolicyViolation, ProfileError, load_profiles
 from .results import ErrorInfo, Execution, MimeBundle, Stream
@@ -22,6 +23,7 @@ from .session import AsyncSession, Session
 
 __all__ = [
     "AsyncSession",
+    "AsyncSessionPool",
     "AuditLog",
     "AuditLogError",
     "CodePolicy",
@@ -38,11 +40,15 @@ __all__ = [
     "KernelExecError",
     "MimeBundle",
     "Policy",
+    "PoolClosed",
+    "PoolExhausted",
+    "PoolStats",
     "ProtocolError",
     "SandboxError",
     "SandboxLost",
     "SandboxStartError",
     "Session",
+    "SessionPool",
     "SessionClosed",
     "Stream",
 ]
