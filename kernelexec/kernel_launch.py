@@ -56,7 +56,7 @@ def _fast_app():  # type: ignore[no-untyped-def]
     from ipykernel.kernelapp import IPKernelApp
     from zmq.eventloop.zmqstream import ZMQStream
 
-    for cls, names in ((iostream.IOPubThread, ("schedule", "_really_send", "_setup_xpub_listener")),
+    for cls, names in ((iostream.IOPubThread, ("schedule", "_really_send", "_setup_xpub_listener", "_handle_event")),
                        (iostream.OutStream, ("_flush", "_schedule_flush", "flush")),
                        (IPythonKernel, ("execute_request", "pre_handler_hook", "_execute_sleep")),
                        (ZMQStream, ("_handle_events", "_update_handler", "flush")),
@@ -93,6 +93,7 @@ def _fast_app():  # type: ignore[no-untyped-def]
         def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             self.lock = threading.RLock()
             self._xpub_stream = None
+            self._sender: int | None = None  # the thread inside _really_send, set under the lock
             super().__init__(*args, **kwargs)
             # a lock held by another thread at fork() stays held forever in the child
             os.register_at_fork(after_in_child=self._new_lock)
@@ -115,6 +116,11 @@ def _fast_app():  # type: ignore[no-untyped-def]
             if not self.thread.is_alive():
                 f()
                 return
+            if self._sender == threading.get_ident():
+                # published from inside a send (a signal handler of the code that prints or displays):
+                # nesting would put its frames inside the current message; the IOPub thread sends it after
+                super().schedule(f)
+                return
             with self.lock:
                 f()
             if self._xpub_stream is not None:
@@ -125,25 +131,61 @@ def _fast_app():  # type: ignore[no-untyped-def]
                 if readable:
                     self.io_loop.add_callback(self._xpub_stream._handle_events, self._xpub_stream.socket, 0)
 
+        def _handle_event(self, msg):  # type: ignore[no-untyped-def]
+            with self.lock:  # what was queued for this thread sends on the same socket
+                return super()._handle_event(msg)
+
         def _really_send(self, msg, *args, **kwargs):  # type: ignore[no-untyped-def]
-            if threading.current_thread() is not main_thread:
-                return super()._really_send(msg, *args, **kwargs)
-            sigint["sending"] += 1
+            outer, self._sender = self._sender, threading.get_ident()
             try:
-                super()._really_send(msg, *args, **kwargs)
+                if threading.current_thread() is not main_thread:
+                    return super()._really_send(msg, *args, **kwargs)
+                sigint["sending"] += 1
+                try:
+                    super()._really_send(msg, *args, **kwargs)
+                finally:
+                    sigint["sending"] -= 1
             finally:
-                sigint["sending"] -= 1
+                self._sender = outer
             if sigint["pending"] and not sigint["sending"]:
                 sigint["pending"] = False
                 raise KeyboardInterrupt
 
+    # Per thread: the streams it is inside write() or _flush() of. A signal handler that flushes can
+    # run in the middle of either; flushing there would send and close the buffer being appended to or
+    # rotated, so that flush goes to the IOPub thread instead (nested writes are fine: they append).
+    busy = threading.local()
+
     class DirectOutStream(iostream.OutStream):
+        def _enter(self) -> bool:
+            inside = busy.__dict__.setdefault("streams", set())
+            if id(self) in inside:
+                return False
+            inside.add(id(self))
+            return True
+
+        def _is_busy(self) -> bool:
+            return id(self) in busy.__dict__.get("streams", ())
+
+        def write(self, string):  # type: ignore[no-untyped-def]
+            entered = self._enter()
+            try:
+                return super().write(string)
+            finally:
+                if entered:
+                    busy.streams.discard(id(self))
+
         def _flush(self) -> None:
             lock = getattr(self.pub_thread, "lock", None)
             if lock is None:
                 return super()._flush()
             with lock:  # chunks taken from the buffer leave in the order they were taken
-                return super()._flush()
+                entered = self._enter()
+                try:
+                    return super()._flush()
+                finally:
+                    if entered:
+                        busy.streams.discard(id(self))
 
         def _schedule_flush(self) -> None:
             if self._flush_pending:
@@ -155,6 +197,9 @@ def _fast_app():  # type: ignore[no-untyped-def]
         def flush(self) -> None:
             if self.pub_thread is None or not hasattr(self.pub_thread, "lock"):
                 return super().flush()
+            if self._is_busy():
+                self._io_loop.add_callback(self._flush)
+                return
             self._flush()
 
     class FastKernel(IPythonKernel):

@@ -107,3 +107,31 @@ def test_interrupts_in_the_middle_of_sends_leave_the_session_healthy(session):
     assert session.alive
     ex = session.execute("print('still here')")
     assert ex.stdout == "still here\n"
+
+
+def test_output_published_from_a_signal_handler_mid_send(session):
+    """A handler that prints and flushes can run between the frames of a message being sent."""
+    code = """
+import itertools, signal, sys
+counter = itertools.count(1)  # next() is one C call: a handler interrupting a handler cannot repeat a number
+def on_alarm(signum, frame):
+    sys.stdout.write(f"tick {next(counter)}\\n")
+    sys.stdout.flush()
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+try:
+    for i in range(20000):
+        sys.stdout.write(f"line {i}\\n")  # one write: a handler can run between print()'s writes
+        sys.stdout.flush()
+finally:
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+next(counter) - 1
+"""
+    ex = session.execute(code, timeout=120)
+    assert ex.status == "ok", ex.error
+    ticks = int(ex.text)
+    assert ticks > 0
+    lines = ex.stdout.splitlines()
+    assert [x for x in lines if x.startswith("line ")] == [f"line {i}" for i in range(20000)]
+    assert sorted(int(x.split()[1]) for x in lines if x.startswith("tick ")) == list(range(1, ticks + 1))
+    assert session.execute("6 * 7").text == "42"
