@@ -27,7 +27,7 @@ def _rt(results: dict[str, Any], config: str, block: str, p: str = "p50") -> flo
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a is not None and b else None
+    return round(a / b, 3) if a is not None and b else None  # compared with its goal unrounded to 2 places
 
 
 def _idle_per_session(r: dict[str, Any], level: dict[str, Any]) -> float | None:
@@ -74,7 +74,7 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 0.1 else f"{v:.2f}"
+        return f"{v:.4f}" if abs(v) < 0.1 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
     return str(v)
 
 

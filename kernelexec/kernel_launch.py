@@ -230,6 +230,12 @@ def _fast_app():  # type: ignore[no-untyped-def]
             finally:
                 kernelapp.IOPubThread = real
 
+        def initialize(self, argv=None):  # type: ignore[no-untyped-def]
+            super().initialize(argv)
+            # traitlets leaves the logger at DEBUG and filters in the handler: four log records were
+            # built per request only to be dropped
+            self.log.setLevel(self.log_level)
+
         def init_io(self):  # type: ignore[no-untyped-def]
             super().init_io()
             for name in ("stdout", "stderr"):

@@ -79,11 +79,10 @@ def test_error_is_typed_with_plain_traceback_and_session_goes_on(shared_session)
 
 def test_timeout_interrupts_and_keeps_state(session):
     session.execute("kept = 'still here'")
-    t0 = time.monotonic()
     with pytest.raises(ExecutionTimeout) as info:
-        session.execute("import time; print('started'); time.sleep(60)", timeout=2)
-    assert time.monotonic() - t0 < 5
+        session.execute("import time; print('started'); time.sleep(60); finished = True", timeout=2)
     assert info.value.state_lost is False
+    assert session.execute("'finished' in dir()").text == "False"  # interrupted, not waited out
     assert info.value.partial is not None and "started" in info.value.partial.stdout
     assert session.execute("kept").text == "'still here'"
 
@@ -120,10 +119,8 @@ def test_kernel_killed_raises_kernel_died_with_docker_reason(session):
         session.execute("import os; os.kill(os.getpid(), 9)")
     assert "SIGKILL" in info.value.reason
     assert info.value.exit_code == 137
-    t0 = time.monotonic()
-    with pytest.raises(KernelDied):
+    with pytest.raises(KernelDied):  # remembered: raised again, not a hang on a dead socket
         session.execute("1")
-    assert time.monotonic() - t0 < 1
     session.restart()
     assert session.execute("2 + 2").text == "4"
 
@@ -279,17 +276,15 @@ def test_cancelling_execute_interrupts_the_kernel(kernel_image):
     async def main() -> tuple[str | None, float]:
         async with AsyncSession(Policy(image=kernel_image)) as s:
             await s.execute("kept = 7")
-            task = asyncio.ensure_future(s.execute("import time; time.sleep(30)"))
+            task = asyncio.ensure_future(s.execute("import time; time.sleep(30); finished = True"))
             await asyncio.sleep(1.0)
             task.cancel()
-            t0 = asyncio.get_running_loop().time()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            r = await s.execute("kept")  # the kernel is free again at once, state intact
-            return r.text, asyncio.get_running_loop().time() - t0
+            r = await s.execute("kept, 'finished' in dir()")  # interrupted, not waited out; state intact
+            return r.text
 
-    text, elapsed = asyncio.run(main())
-    assert text == "7" and elapsed < 5
+    assert asyncio.run(main()) == "(7, False)"
 
 
 def test_to_notebook_is_a_valid_audit_trail(session):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import platform
 import re
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -161,11 +159,4 @@ def assert_nothing_left(docker, session_id: str, sockdir: Path | None) -> None:
     if sockdir is not None:
         assert not sockdir.exists(), f"{sockdir} was not removed"
 
-
-@contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    t0 = time.monotonic()
-    yield
-    took = time.monotonic() - t0
-    assert took < seconds, f"took {took:.1f} s, more than the {seconds:g} s allowed"
 

@@ -15,7 +15,7 @@ from kernelexec import KernelDied
 from kernelexec.policy import parse_size
 from kernelexec.results import TRUNCATION_MARKER
 
-from .conftest import MB, HostMemory, assert_healthy, deadline
+from .conftest import MB, HostMemory, assert_healthy
 
 RSS_BOUND = 200 * MB
 #: publish on IOPub directly, as ipykernel does, skipping every kernel-side cut
@@ -40,7 +40,7 @@ def _assert_cut(r, limit: int) -> None:
 
 
 def test_printing_1gb_in_chunks_is_cut(module_session):
-    with HostMemory() as mem, deadline(60):
+    with HostMemory() as mem:
         r = module_session.execute("for _ in range(1024):\n    print('x' * (1 << 20))", timeout=60)
     assert r.ok
     _assert_cut(r, _limit(module_session))
@@ -50,7 +50,7 @@ def test_printing_1gb_in_chunks_is_cut(module_session):
 
 
 def test_one_300mb_line_is_cut(module_session):
-    with HostMemory() as mem, deadline(60):
+    with HostMemory() as mem:
         r = module_session.execute("print('y' * 300_000_000)", timeout=60)
     assert r.ok
     _assert_cut(r, _limit(module_session))
@@ -59,7 +59,7 @@ def test_one_300mb_line_is_cut(module_session):
 
 
 def test_200mb_display_data_is_replaced_by_the_marker(module_session):
-    with HostMemory() as mem, deadline(60):
+    with HostMemory() as mem:
         r = module_session.execute("display({'text/plain': 'z' * 200_000_000, 'text/html': 'h' * 1000}, raw=True)",
                                    timeout=60)
     assert r.ok
@@ -71,7 +71,7 @@ def test_200mb_display_data_is_replaced_by_the_marker(module_session):
 
 @pytest.mark.slow
 def test_a_loop_of_100k_displays_is_cut(module_session):
-    with HostMemory() as mem, deadline(90):
+    with HostMemory() as mem:
         r = module_session.execute("for i in range(100_000):\n    display(i)", timeout=80)
     assert r.ok
     _assert_cut(r, _limit(module_session))
@@ -82,7 +82,7 @@ def test_a_loop_of_100k_displays_is_cut(module_session):
 
 
 def test_execute_result_with_a_giant_repr_is_cut(module_session):
-    with HostMemory() as mem, deadline(60):
+    with HostMemory() as mem:
         r = module_session.execute("class Huge:\n    def __repr__(self):\n        return 'r' * 150_000_000\nHuge()",
                                    timeout=60)
     assert r.ok
@@ -95,7 +95,7 @@ def test_execute_result_with_a_giant_repr_is_cut(module_session):
 
 def test_raw_fd_writes_are_cut(module_session):
     """os.write(1, ...) goes through ipykernel's pipe capture, which is cut too."""
-    with HostMemory() as mem, deadline(60):
+    with HostMemory() as mem:
         r = module_session.execute("import os\nfor _ in range(200):\n    os.write(1, b'w' * (1 << 20))", timeout=60)
     assert r.ok
     _assert_cut(r, _limit(module_session))
@@ -129,7 +129,7 @@ def test_output_that_fills_the_budget_exactly_then_goes_on_is_marked(fresh):
 
 def test_host_cuts_output_that_bypasses_the_kernel_side_cap(module_session):
     """200 x 1 MB stream messages published straight on IOPub: the host keeps its budget."""
-    with HostMemory() as mem, deadline(60):
+    with HostMemory() as mem:
         r = module_session.execute(RAW_SEND + """
 for _ in range(200):
     raw('stream', {'name': 'stdout', 'text': 'B' * (1 << 20)})
@@ -146,7 +146,7 @@ for _ in range(200):
 
 def test_host_cuts_display_data_that_bypasses_the_kernel_side_cap(fresh):
     s = fresh(max_output_bytes="64k")
-    with HostMemory() as mem, deadline(60):
+    with HostMemory() as mem:
         r = s.execute(RAW_SEND + """
 for i in range(300):
     raw('display_data', {'data': {'text/plain': str(i) + ' ' + 'D' * 100_000}, 'metadata': {}, 'transient': {}})
@@ -164,7 +164,7 @@ def test_a_message_over_max_message_bytes_ends_the_session_cleanly(fresh, docker
     connection without buffering it, says why, and restart() gives a working kernel."""
     s = fresh()
     first = s.container_id
-    with HostMemory() as mem, deadline(30):
+    with HostMemory() as mem:
         with pytest.raises(KernelDied) as info:
             s.execute(RAW_SEND + "raw('stream', {'name': 'stdout', 'text': 'C' * (20 << 20)})\n"
                       "import time; time.sleep(20)", timeout=25)
