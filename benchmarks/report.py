@@ -144,7 +144,7 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
     ax = axes[0][0]
     configs = [(k, label) for k, label in RT_CONFIGS if _rt(r, k, "1+1") is not None]
     width = 0.8 / max(len(configs), 1)
@@ -155,15 +155,15 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_ylabel("round trip p50, ms (log)")
     ax.set_title("Round trip per code block")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.08), ncol=2)
 
     ax = axes[0][1]
     st, peers = r.get("startup") or {}, r.get("peers") or {}
-    bars = [("kernelexec cold", (st.get("sandbox_s") or {}).get("p50")),
-            ("local ipykernel", (st.get("local_stock_s") or {}).get("p50")),
-            ("kernelexec warm pool", ((r.get("warm") or {}).get("acquire_to_result_ms") or {}).get("p50", 0) / 1000)]
-    for key, label in RT_CONFIGS[5:]:
-        bars.append((label.replace("AutoGen ", "AutoGen\n"), ((peers.get(key) or {}).get("cold_start_s") or {}).get("p50")))
+    bars = [("kernelexec\ncold", (st.get("sandbox_s") or {}).get("p50")),
+            ("local\nipykernel", (st.get("local_stock_s") or {}).get("p50")),
+            ("kernelexec\nwarm pool", ((r.get("warm") or {}).get("acquire_to_result_ms") or {}).get("p50", 0) / 1000)]
+    for key, short in (("autogen_docker_jupyter", "AutoGen\nDocker Jupyter"), ("autogen_docker_cmdline", "AutoGen\ncommand line")):
+        bars.append((short, ((peers.get(key) or {}).get("cold_start_s") or {}).get("p50")))
     bars = [(n, v) for n, v in bars if v is not None]
     ax.bar([n for n, _ in bars], [v for _, v in bars], color="tab:orange")
     ax.set_ylabel("seconds to first result (p50)")
