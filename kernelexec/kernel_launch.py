@@ -46,6 +46,10 @@ import sys
 sys.path[0] = os.getcwd()
 
 
+#: How long a send waits for a subscriber with no room before that message is dropped.
+SEND_WAIT = 10.0
+
+
 def _fast_app():  # type: ignore[no-untyped-def]
     import signal
     import threading
@@ -97,6 +101,14 @@ def _fast_app():  # type: ignore[no-untyped-def]
             super().__init__(*args, **kwargs)
             # a lock held by another thread at fork() stays held forever in the child
             os.register_at_fork(after_in_child=self._new_lock)
+            self.dropped = 0
+            if hasattr(self.socket, "getsockopt") and self.socket.getsockopt(zmq.TYPE) == zmq.XPUB:
+                # A PUB socket drops what a subscriber has no room for. Sending from the publishing thread
+                # makes a print loop faster than a busy host reads, and output vanished. Now a full
+                # subscriber slows the printer down (backpressure) and only one that takes no message
+                # for SEND_WAIT seconds loses some, counted in `dropped`.
+                self.socket.setsockopt(zmq.XPUB_NODROP, 1)
+                self.socket.setsockopt(zmq.SNDTIMEO, int(SEND_WAIT * 1000))
 
         def _new_lock(self) -> None:
             self.lock = threading.RLock()
@@ -139,12 +151,15 @@ def _fast_app():  # type: ignore[no-untyped-def]
             outer, self._sender = self._sender, threading.get_ident()
             try:
                 if threading.current_thread() is not main_thread:
-                    return super()._really_send(msg, *args, **kwargs)
+                    super()._really_send(msg, *args, **kwargs)
+                    return
                 sigint["sending"] += 1
                 try:
                     super()._really_send(msg, *args, **kwargs)
                 finally:
                     sigint["sending"] -= 1
+            except zmq.Again:
+                self.dropped += 1  # no subscriber took a message for SEND_WAIT seconds (see __init__)
             finally:
                 self._sender = outer
             if sigint["pending"] and not sigint["sending"]:

@@ -9,6 +9,8 @@ features it says it has.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kernelexec import ExecutionTimeout, Session
@@ -135,3 +137,17 @@ next(counter) - 1
     assert [x for x in lines if x.startswith("line ")] == [f"line {i}" for i in range(20000)]
     assert sorted(int(x.split()[1]) for x in lines if x.startswith("tick ")) == list(range(1, ticks + 1))
     assert session.execute("6 * 7").text == "42"
+
+
+def test_a_flushing_print_loop_loses_nothing_when_the_host_reads_slowly(session):
+    """A subscriber with no room slows the printer down instead of losing its output."""
+    slow = {"calls": 0}
+
+    def on_stdout(text: str) -> None:
+        slow["calls"] += 1
+        if slow["calls"] % 500 == 0:
+            time.sleep(0.05)  # a host busy elsewhere: the kernel must wait for it, not drop
+
+    ex = session.execute("for i in range(50000):\n    print(i, flush=True)", on_stdout=on_stdout, timeout=300)
+    assert ex.status == "ok"
+    assert ex.stdout.split() == [str(i) for i in range(50000)]
