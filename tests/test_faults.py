@@ -1,5 +1,5 @@
 """Faults injected into real sessions: every call ends with a result or a typed
-error within its deadline, nothing is left behind, and the caller knows whether
+error (never a hang), nothing is left behind, and the caller knows whether
 state survived."""
 
 from __future__ import annotations

@@ -160,10 +160,26 @@ def test_debian_mirror_comes_from_apt_sources(tmp_path):
 
 
 def test_subprocesses_have_a_deadline():
-    with pytest.raises(ImageBuildError, match="did not finish within 1 s"):
-        _run(["sh", "-c", "echo started; sleep 60"], "sleeping", None, timeout=1)
+    lines: list[str] = []
+    with pytest.raises(ImageBuildError, match=r"did not finish within 1 s[\s\S]*started") as info:
+        # a 60 s child in the background, off the output pipe, its pid and group printed: the deadline must
+        # stop the whole group, not only sh (whose end alone would close the pipe and end the wait)
+        _run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo started $! $$; wait"], "sleeping", lines.append, timeout=1)
+    pid, group = map(int, str(info.value).rsplit("started ", 1)[1].split()[:2])
+    assert any(line.strip() == f"started {pid} {group}" for line in lines), lines
+    assert not _sleeping_in_group(pid, group), f"the sleep ({pid}) still runs after the deadline"
     with pytest.raises(ImageBuildError, match=r"exit status 3[\s\S]*why"):
         _run(["sh", "-c", "echo why; exit 3"], "failing", None, timeout=30)
+
+
+def _sleeping_in_group(pid: int, group: int) -> bool:
+    """``pid`` is still there, in process group ``group``, and asleep or stopped: alive, not on its way out."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    state, pgrp = fields[0], int(fields[2])
+    return pgrp == group and state in ("S", "T", "t")
 
 
 # ------------------------------------------------------------------------------- the image, offline path
@@ -227,12 +243,10 @@ def test_nothing_of_the_build_is_left(docker, offline_image):
 
 def test_matplotlib_import_reuses_the_prebuilt_font_list(docker, offline_image):
     # exactly what a session has: read-only root, an empty tmpfs home
-    code, out, err = run(docker, offline_image, ["/opt/kernel/bin/python", "-c",
-                         "import time;t=time.time();import matplotlib.pyplot;print(time.time()-t)"],
+    code, out, err = run(docker, offline_image, ["/opt/kernel/bin/python", "-c", "import matplotlib.pyplot"],
                          read_only=True, tmpfs=SANDBOX_TMPFS)
-    assert code == 0 and err == "", err  # no "Matplotlib created a temporary cache directory" warning
-    print(f"import matplotlib.pyplot: {float(out):.2f} s", file=sys.stderr)
-    assert float(out) < 10  # a rebuild is ~0.3 s more; the log below is the precise check
+    assert code == 0 and out == "" and err == "", err  # no "Matplotlib created a temporary cache directory" warning
+    # with matplotlib's log on: it loaded the font list the image carries, and did not build one
     code, out, err = run(docker, offline_image, ["/opt/kernel/bin/python", "-c",
                          "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
                          "import matplotlib.pyplot as plt; plt.plot([1, 2]); plt.savefig('/tmp/x.png'); "
@@ -246,7 +260,6 @@ def test_second_build_is_skipped(docker, offline_image):
     image_id = docker.images.get(offline_image).id
     lines: list[str] = []
     assert build_image(docker, mode="offline", progress=lines.append) == offline_image
-    assert docker.images.get(offline_image).id == image_id
     assert any("up to date" in line for line in lines), lines
     assert not any("Step " in line for line in lines)
     assert docker.images.get(offline_image).id == image_id

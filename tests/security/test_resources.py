@@ -229,17 +229,18 @@ def cpu():
         stat = open('/sys/fs/cgroup/cpu.stat').read()
     return q, p, dict((l.split()[0], int(l.split()[1])) for l in stat.splitlines())
 q, p, before = cpu()
-t0, c0 = time.monotonic(), time.process_time()
-while time.monotonic() - t0 < 2.0:
+# spin until the scheduler stops this cgroup for having used its quota, or until 3 s of CPU are
+# used: the bound counts CPU time, not wall time, so a busy machine only makes the spin longer
+c0 = time.process_time()
+while cpu()[2]['nr_throttled'] == before['nr_throttled'] and time.process_time() - c0 < 3.0:
     pass
-wall, used = time.monotonic() - t0, time.process_time() - c0
 _, _, after = cpu()
-print(json.dumps({'quota': q, 'period': p, 'throttled': after['nr_throttled'] - before['nr_throttled'],
-                  'share': used / wall}))
+print(json.dumps({'quota': q, 'period': p, 'throttled': after['nr_throttled'] - before['nr_throttled']}))
 """)
+    # the quota is half a core, and the kernel enforces it: the spinning thread was stopped in a
+    # period once it had used its half (without a quota it would spin its 3 s unthrottled)
     assert out["quota"] / out["period"] == pytest.approx(0.5)
-    assert out["throttled"] > 0
-    assert out["share"] < 0.65, out  # one spinning thread gets about half a core
+    assert out["throttled"] > 0, out
     s.execute("kept = 'yes'")
     first = s.container_id
     with pytest.raises(ExecutionTimeout) as info:

