@@ -3,7 +3,9 @@ Execution into the text and files an agent reads."""
 
 from __future__ import annotations
 
+import errno
 import json
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,22 @@ class Rendered:
     failed: bool = False
 
 
+def own_output_dir() -> Path:
+    """Where an executor saves images and HTML when the caller named no directory."""
+    return Path(tempfile.mkdtemp(prefix="kernelexec-out-"))
+
+
+def remove_if_empty(path: Path) -> None:
+    """An executor's own output directory goes with it unless it holds files (those are the caller's)."""
+    try:
+        path.rmdir()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno != errno.ENOTEMPTY:
+            raise
+
+
 def render(ex: Execution, output_dir: Path | None) -> Rendered:
     """Outputs in order, as AutoGen's Jupyter executor shows them: stream text and
     text/plain joined, the traceback after the output so far, images and HTML saved."""
@@ -58,10 +76,12 @@ def _bundle(b: MimeBundle, output_dir: Path | None, files: list[Path]) -> list[s
         if mime == "text/plain":
             out.append(str(content))
         elif mime == "image/png" and output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)  # removed while empty by a stop(); used again
             path = output_dir / f"{uuid.uuid4().hex}.png"
             path.write_bytes(b.png or b"")
             files.append(path.absolute())
         elif mime == "text/html" and output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
             path = output_dir / f"{uuid.uuid4().hex}.html"
             path.write_text(str(content))
             files.append(path.absolute())

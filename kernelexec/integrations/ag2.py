@@ -14,7 +14,6 @@ with a message the assistant can act on.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from autogen.coding.markdown_code_extractor import MarkdownCodeExtractor
 from ..errors import ExecutionTimeout, KernelDied
 from ..policy import Policy
 from ..session import Session
-from ._blocks import UnsupportedLanguage, render, to_kernel_code
+from ._blocks import UnsupportedLanguage, own_output_dir, remove_if_empty, render, to_kernel_code
 
 
 class KernelExecExecutor:
@@ -36,7 +35,8 @@ class KernelExecExecutor:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.timeout = timeout
-        self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="kernelexec-"))
+        self._own_output_dir = not output_dir
+        self.output_dir = Path(output_dir) if output_dir else own_output_dir()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._session_args = dict(policy=policy, profile=profile, image=image, **session_kwargs)
         self._session: Session | None = None
@@ -86,6 +86,8 @@ class KernelExecExecutor:
         if self._session is not None:
             self._session.close()
             self._session = None
+        if self._own_output_dir:
+            remove_if_empty(self.output_dir)
 
     def __enter__(self) -> KernelExecExecutor:
         return self

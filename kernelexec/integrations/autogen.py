@@ -15,7 +15,6 @@ so the executor stays usable with its state.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -28,7 +27,7 @@ from typing_extensions import Self
 from ..errors import ExecutionTimeout
 from ..policy import Policy
 from ..session import AsyncSession
-from ._blocks import UnsupportedLanguage, render, to_kernel_code
+from ._blocks import UnsupportedLanguage, own_output_dir, remove_if_empty, render, to_kernel_code
 
 
 @dataclass
@@ -59,7 +58,8 @@ class KernelExecCodeExecutor(CodeExecutor, Component[KernelExecCodeExecutorConfi
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self._timeout = timeout
-        self._output_dir = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="kernelexec-"))
+        self._own_output_dir = output_dir is None
+        self._output_dir = Path(output_dir) if output_dir is not None else own_output_dir()
         self._output_dir.mkdir(parents=True, exist_ok=True)
         self._policy, self._profile, self._image = policy, profile, image
         self._session: AsyncSession | None = None
@@ -83,6 +83,8 @@ class KernelExecCodeExecutor(CodeExecutor, Component[KernelExecCodeExecutorConfi
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        if self._own_output_dir:
+            remove_if_empty(self._output_dir)
 
     async def restart(self) -> None:
         if self._session is None:

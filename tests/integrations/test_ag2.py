@@ -58,3 +58,19 @@ def test_user_proxy_runs_a_scripted_assistant_in_one_kernel(kernel_image):
     outputs = [m["content"] for m in result.chat_history if m.get("name") == "user_proxy" or m["role"] == "user"]
     text = "\n".join(str(o) for o in outputs)
     assert "exitcode: 0" in text and "10" in text and "2.5" in text
+
+
+def test_an_executor_leaves_no_empty_output_directory(kernel_image):
+    with KernelExecExecutor(image=kernel_image) as ex:
+        empty = ex.output_dir
+        assert ex.execute_code_blocks([CodeBlock(code="1 + 1", language="python")]).output == "2"
+    assert not empty.exists()  # nothing was saved: the directory it made is gone
+    with KernelExecExecutor(image=kernel_image) as ex:
+        ex.stop()  # stopped, then used again: the directory comes back for the file
+        r = ex.execute_code_blocks([CodeBlock(code="import matplotlib.pyplot as plt\nplt.plot([1]); plt.show()",
+                                              language="python")])
+        assert r.exit_code == 0 and len(r.output_files) == 1
+    saved = Path(r.output_files[0])
+    assert saved.exists()  # a saved file is the caller's: kept, with its directory
+    saved.unlink()
+    saved.parent.rmdir()
