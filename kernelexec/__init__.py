@@ -1,6 +1,7 @@
 """kernelexec: a sandboxed, stateful Jupyter kernel per AI-agent session."""
 
 from .errors import (
+    CodeTooLarge,
     DockerUnavailable,
     ExecutionTimeout,
     ImageBuildError,
@@ -27,6 +28,7 @@ __all__ = [
     "AuditLog",
     "AuditLogError",
     "CodePolicy",
+    "CodeTooLarge",
     "PolicyViolation",
     "ProfileError",
     "load_profiles",

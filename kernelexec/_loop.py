@@ -8,11 +8,12 @@ leak check sees the thread count return to its baseline.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import logging
 import threading
 from typing import Any, Coroutine, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger("kernelexec")
 
 
 class LoopThread:
@@ -56,13 +57,38 @@ class LoopThread:
             inst.thread.join()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and wait for it; Ctrl-C cancels it there."""
+        """Run ``coro`` on the loop and wait for it.
+
+        Ctrl-C (KeyboardInterrupt in the waiting thread) cancels it there and
+        waits for its cancellation to finish, so that an execution's cancel path
+        (interrupt the kernel, keep the state) completes before the caller goes
+        on, and the task's outcome is always retrieved; a second Ctrl-C stops
+        waiting.
+        """
         if threading.current_thread() is self.thread:
             coro.close()
             raise RuntimeError("a sync Session cannot be used from its own callbacks; use AsyncSession")
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        done = threading.Event()
+        box: list[asyncio.Task[T]] = []
+
+        def finished(task: asyncio.Task[T]) -> None:
+            if not task.cancelled():
+                task.exception()  # retrieved: raised below to a caller still waiting, logged otherwise
+            done.set()
+
+        def start() -> None:
+            task = self.loop.create_task(coro)
+            box.append(task)
+            task.add_done_callback(finished)
+
+        self.loop.call_soon_threadsafe(start)
         try:
-            return fut.result()
+            done.wait()
         except KeyboardInterrupt:
-            fut.cancel()
+            self.loop.call_soon_threadsafe(lambda: box[0].cancel())  # `start` ran first: FIFO
+            done.wait()  # a second Ctrl-C leaves from here
+            task = box[0]
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("after Ctrl-C: %s", task.exception())
             raise
+        return box[0].result()

@@ -70,9 +70,16 @@ def audit_profiles(path: Path | None) -> list[Finding]:
         out.append(Finding("high", "profile", "profile file permissions",
                            f"{path} is writable by group or others (mode {stat.filemode(st.st_mode)}): "
                            "anyone who can write it can widen every role", f"chmod go-w {path}"))
-    from .profiles import load_profiles
+    from .profiles import ProfileError, check_profiles
 
-    for name, pol in load_profiles(path).items():
+    try:
+        good, bad = check_profiles(path)
+    except ProfileError as e:
+        return out + [Finding("high", "profile", "profile file", str(e), f"fix {path}: it is not read at all")]
+    for name, why in bad.items():
+        out.append(Finding("high", "profile", f"profile {name!r}", why,
+                           f"fix the [profiles.{name}] table in {path}; sessions using it fail to start"))
+    for name, pol in good.items():
         out += audit_policy(pol, name=f"profile {name!r}")
     return out
 

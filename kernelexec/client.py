@@ -201,6 +201,11 @@ class _Pending:
             self.callback_error = e
 
 
+def _observe(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _dict(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
@@ -342,6 +347,10 @@ class KernelClient:
             raise self._gone
         msg_id, frames = protocol.build(self._signer, msg_type, content, session=self._session)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        # A reply nobody awaits any more (an abandoned or cancelled request) may still fail when the
+        # kernel goes; that failure is the client's (`_gone`, raised to the next caller), not an
+        # orphan to be logged as "never retrieved".
+        fut.add_done_callback(_observe)
         self._replies[msg_id] = fut
         sock = self._shell if channel == "shell" else self._control
         await sock.send_multipart(frames)
@@ -393,6 +402,9 @@ class KernelClient:
         ex.status = status if status in ("ok", "error", "aborted") else "error"
         if isinstance(reply.content.get("execution_count"), int):
             ex.execution_count = reply.content["execution_count"]
+        peak = _dict(reply.metadata.get("kernelexec")).get("memory_peak")
+        if isinstance(peak, int) and not isinstance(peak, bool):
+            ex.memory_peak = peak
         if ex.status == "error" and ex.error is None:
             c = reply.content
             tb = strip_ansi("\n".join(str(x) for x in _list(c.get("traceback"))))

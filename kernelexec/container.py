@@ -368,18 +368,53 @@ class AttachStream:
 
 _live: dict[int, Sandbox] = {}
 _live_lock = threading.Lock()
-_hooks_installed = False
-_previous_sigterm: Any = None
+_atexit_installed = False
+_signals_installed = False
+#: Signals whose default action ends the process without running atexit: a terminal
+#: closing (SIGHUP) is as common as a supervisor's SIGTERM.
+CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_previous_handlers: dict[int, Any] = {}
 
 
 def _register(sb: Sandbox) -> None:
-    global _hooks_installed
     with _live_lock:
         _live[id(sb)] = sb
-        if not _hooks_installed:
-            _hooks_installed = True
+    install_exit_hooks()
+
+
+def install_exit_hooks() -> None:
+    """Clean up live sandboxes at exit and on SIGTERM/SIGHUP.
+
+    Python sets signal handlers only from the main thread, and a sync
+    ``Session`` creates its sandbox on its loop thread: so each session calls
+    this from the caller's thread too, and the handlers go in the first time
+    it runs on the main thread. A process whose sessions all live on other
+    threads should call it once from the main thread (atexit works anyway).
+    """
+    global _atexit_installed, _signals_installed
+    with _live_lock:
+        if not _atexit_installed:
+            _atexit_installed = True
             atexit.register(destroy_all)
-            _install_sigterm()
+        if _signals_installed or threading.current_thread() is not threading.main_thread():
+            return
+        _signals_installed = True
+        for sig in CLEANUP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if previous == signal.SIG_IGN:
+                continue  # e.g. SIGHUP under nohup: the process lives on, and so do its sessions
+            _previous_handlers[sig] = previous
+            signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    destroy_all()
+    prev = _previous_handlers.get(signum)
+    if callable(prev):
+        prev(signum, frame)
+    else:  # the default action: die of the same signal, as the parent expects
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _unregister(sb: Sandbox) -> None:
@@ -404,27 +439,6 @@ def destroy_all() -> None:
     for e in run_blocking(all_()):
         if e is not None:
             log.error("%s", e)
-
-
-def _install_sigterm() -> None:
-    """Chain a SIGTERM handler that cleans up, then does what was there before."""
-    global _previous_sigterm
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread; atexit still runs
-    _previous_sigterm = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        destroy_all()
-        prev = _previous_sigterm
-        if callable(prev):
-            prev(signum, frame)
-        elif prev == signal.SIG_IGN:
-            return
-        else:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 # -- listing and garbage collection ---------------------------------------------

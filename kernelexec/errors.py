@@ -49,6 +49,24 @@ class SessionClosed(KernelExecError):
     """The session was used after ``close()``."""
 
 
+class CodeTooLarge(KernelExecError, ValueError):
+    """The code is larger than one message to the kernel may be; nothing was sent.
+
+    The session and its state are untouched. Large data belongs in a file:
+    ``upload()`` it and read it from the code.
+    """
+
+    state_lost = False
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size, self.limit = size, limit
+        super().__init__(
+            f"the code is {size:,} bytes; at most {limit:,} bytes (Policy.max_message_bytes) can be sent in "
+            "one execute(). Nothing was run and the session is intact: upload() large data as a file and "
+            "read it from the code, or raise Policy.max_message_bytes."
+        )
+
+
 class KernelDied(SandboxError):
     """The kernel process (and with it the container) is gone.
 

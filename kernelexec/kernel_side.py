@@ -22,6 +22,13 @@ The host enforces its own bounds on everything the kernel sends.
   thread blocks on it, and once the host has been gone for
   ``KERNELEXEC_ORPHAN_TIMEOUT`` seconds the kernel exits, the container stops
   by itself, and ``gc`` (or the next start on the host) removes it.
+* Every message leaves as valid UTF-8 JSON that fits the host's frame limit
+  (``KERNELEXEC_MAX_MESSAGE``). A lone surrogate (a file name decoded with
+  ``surrogateescape``, ``"\\ud800"``) in any string of any message becomes U+FFFD, as a
+  terminal shows it; jupyter_client would send invalid UTF-8, or fail to send
+  at all. A message that would exceed the limit (the echo of a huge cell, an
+  exception whose message is 20 MB) has its longest strings cut, with a marker,
+  instead of making the host drop the connection and the session with it.
 * Output beyond ``KERNELEXEC_MAX_OUTPUT`` bytes per cell is dropped here, with
   a marker, so that a 1 GB print or a 200 MB figure is cut before it crosses
   the socket instead of being refused by the host.
@@ -30,12 +37,106 @@ The host enforces its own bounds on everything the kernel sends.
 # This file is executed with exec() in the kernel's namespace; keep its names private.
 
 
+def _kernelexec_safe_messages(ip) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+    import re
+
+    from jupyter_client.jsonutil import json_clean, json_default
+
+    session = ip.kernel.session
+    lone = re.compile("[\ud800-\udfff]")
+    limit = int(os.environ.get("KERNELEXEC_MAX_MESSAGE", "0") or 0)
+
+    def repair(obj):  # type: ignore[no-untyped-def]
+        if isinstance(obj, str):
+            return lone.sub("\ufffd", obj)
+        if isinstance(obj, dict):
+            return {repair(k): repair(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [repair(v) for v in obj]
+        return obj
+
+    def pack(obj, cleaned=False):  # type: ignore[no-untyped-def]
+        try:
+            return json.dumps(obj, default=json_default, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return pack(repair(obj), cleaned)
+        except (TypeError, ValueError):
+            if cleaned:
+                raise
+            # NaN, or a value JSON cannot hold: cleaned as jupyter_client's own fallback does
+            return pack(json_clean(obj), True)
+
+    session.pack = pack
+    if limit <= 0:
+        return
+    marker = "\n[kernelexec: cut to fit a %d-byte message]\n" % limit
+    serialize = session.serialize
+
+    def cut(obj, cap):  # type: ignore[no-untyped-def]
+        if isinstance(obj, str):
+            return obj if len(obj) <= cap else obj[:cap] + marker
+        if isinstance(obj, dict):
+            return {k: cut(v, cap) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = list(obj)
+            if len(items) > cap:  # a list of many short strings: keep both ends
+                items = items[: cap // 2] + [marker] + items[-(cap // 2):]
+            return [cut(v, cap) for v in items]
+        return obj
+
+    def bounded_serialize(msg, ident=None):  # type: ignore[no-untyped-def]
+        frames = serialize(msg, ident)
+        if max(len(f) for f in frames) <= limit:
+            return frames
+        msg = dict(msg)
+        cap = limit // 4
+        while cap >= 16:
+            # JSON escaping can make a character six bytes: shrink until it fits
+            msg["content"] = cut(msg.get("content", {}), cap)
+            msg["metadata"] = cut(msg.get("metadata", {}), cap)
+            frames = serialize(msg, ident)
+            if max(len(f) for f in frames) <= limit:
+                return frames
+            cap //= 4
+        msg["content"], msg["metadata"] = {}, {}
+        return serialize(msg, ident)
+
+    session.serialize = bounded_serialize
+
+
 def _kernelexec_setup() -> None:
     import os
     import sys
     import types
 
     ip = get_ipython()  # type: ignore[name-defined]  # noqa: F821
+
+    _kernelexec_safe_messages(ip)  # noqa: F821  (defined above; deleted from the namespace after setup)
+
+    # Tracebacks show the user's code only: an interrupt raised by the launcher's signal handler, or
+    # inside the output wrappers below, would otherwise end in frames of /run/kernelexec/*.py.
+    ours = "/run/kernelexec/"  # policy.SOCKET_MOUNT: launch.py and this file, as the kernel sees them
+    itb = ip.InteractiveTB
+    structured_traceback = itb.structured_traceback
+
+    def theirs(tb):  # type: ignore[no-untyped-def]
+        kept = []
+        while tb is not None:
+            if not tb.tb_frame.f_code.co_filename.startswith(ours):
+                kept.append(tb)
+            tb = tb.tb_next
+        out = None
+        for t in reversed(kept):
+            out = types.TracebackType(out, t.tb_frame, t.tb_lasti, t.tb_lineno)
+        return out
+
+    def user_traceback(etype, evalue, etb=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        filtered = theirs(etb)
+        return structured_traceback(etype, evalue, filtered if filtered is not None else etb, *args, **kwargs)
+
+    itb.structured_traceback = user_traceback
 
     prebuilt = "/opt/kernel/share/matplotlib"
     if os.path.isdir(prebuilt):
@@ -104,6 +205,31 @@ def _kernelexec_setup() -> None:
 
     ip.events.register("pre_execute", reap)
     ip.events.register("post_execute", reap)
+
+    # The container's peak memory, for the host's audit log: read here in microseconds from the
+    # container's own cgroup (the engine's stats endpoint takes about a second). The code could
+    # forge it; the host records it as the kernel's report, and Docker's OOM verdict stays authoritative.
+    peak_fd = -1
+    for path in ("/sys/fs/cgroup/memory.peak", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes",
+                 "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        try:
+            peak_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            break
+        except OSError:
+            continue
+    if peak_fd >= 0:
+        kernel = ip.kernel
+        finish_metadata = kernel.finish_metadata
+
+        def with_memory_peak(parent, metadata, reply_content):  # type: ignore[no-untyped-def]
+            metadata = finish_metadata(parent, metadata, reply_content)
+            try:
+                metadata["kernelexec"] = {"memory_peak": int(os.pread(peak_fd, 32, 0))}
+            except (OSError, ValueError):
+                pass  # the figure is optional; the reply is not
+            return metadata
+
+        kernel.finish_metadata = with_memory_peak
 
     orphan_after = float(os.environ.get("KERNELEXEC_ORPHAN_TIMEOUT", "0") or 0)
     owner_path = os.environ.get("KERNELEXEC_OWNER_SOCKET", "")
@@ -215,4 +341,4 @@ def _kernelexec_setup() -> None:
 
 
 _kernelexec_setup()
-del _kernelexec_setup
+del _kernelexec_setup, _kernelexec_safe_messages

@@ -102,8 +102,15 @@ class Policy:
     #: Total output kept per execution; the rest is dropped with a marker.
     max_output_bytes: int | str = "8m"
     #: Largest single ZeroMQ frame accepted from the kernel. A larger one
-    #: means the kernel broke its bounds: the session is closed.
+    #: means the kernel broke its bounds: the session is closed. The kernel
+    #: cuts its own messages to fit (the echo of a huge cell, a 20 MB exception
+    #: message), and code larger than this is refused before it is sent.
     max_message_bytes: int | str = "16m"
+    #: Output kept in ``Session.history`` (for ``to_notebook``) over all
+    #: executions. Past it the oldest executions keep their code digest,
+    #: status and count, and their outputs are replaced by a marker: what the
+    #: sandboxed code prints must not grow the host for the life of a session.
+    max_history_bytes: int | str = "16m"
 
     # --- isolation -----------------------------------------------------------
     #: Docker network mode. ``"none"`` leaves only the loopback interface:
@@ -145,9 +152,17 @@ class Policy:
     fast_kernel: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("memory", "max_file_size", "tmp_size", "home_size", "shm_size", "workdir_size",
-                     "max_output_bytes", "max_message_bytes"):
-            parse_size(getattr(self, name))
+        for name in _SIZE_FIELDS:
+            try:
+                parse_size(getattr(self, name))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"Policy.{name}: {e}") from None
+        if parse_size(self.memory) < MIN_MEMORY:
+            raise ValueError(f"Policy.memory={self.memory!r} is below {MIN_MEMORY >> 20} MiB, which no kernel "
+                             "starts in (an idle kernel uses about 40 MiB); use e.g. '256m'")
+        if parse_size(self.max_message_bytes) < MIN_MESSAGE:
+            raise ValueError(f"Policy.max_message_bytes={self.max_message_bytes!r} is below "
+                             f"{MIN_MESSAGE >> 10} KiB, too small for the kernel's own replies")
         if self.cpus <= 0:
             raise ValueError("cpus must be positive")
         for name in ("pids", "nofile", "nproc"):
@@ -174,7 +189,21 @@ class Policy:
             raise ValueError("cap_add=ALL would undo the sandbox; name the capabilities you need")
 
     def replace(self, **changes: Any) -> Policy:
-        return dataclasses.replace(self, **changes)
+        new = dataclasses.replace(self, **changes)
+        object.__setattr__(new, "_explicit", self.explicit_fields() | frozenset(changes))
+        return new
+
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields the caller set (by argument or ``replace``), whatever their value.
+
+        A role profile fills in the rest: ``Session(Policy(memory="256m"), profile="strict")``
+        takes strict's every other limit instead of the looser defaults.
+        """
+        explicit = self.__dict__.get("_explicit")
+        if explicit is None:  # made without __init__ (unpickled from an old version): what differs
+            d = Policy()
+            explicit = frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(d, f.name))
+        return frozenset(explicit)
 
     def relaxations(self, base: Policy | None = None) -> list[str]:
         """What this policy loosens compared with ``base`` (the defaults), in words."""
@@ -204,8 +233,7 @@ class Policy:
             if theirs is not None and (mine is None or mine > theirs):
                 out.append(f"{name}={mine!r} is above {theirs!r}" if mine is not None
                            else f"{name}=None: no limit")
-        for name in ("memory", "tmp_size", "home_size", "shm_size", "workdir_size", "max_file_size",
-                     "max_output_bytes", "max_message_bytes"):
+        for name in _SIZE_FIELDS:
             if parse_size(getattr(self, name)) > parse_size(getattr(d, name)):
                 out.append(f"{name}={getattr(self, name)!r} is above {getattr(d, name)!r}")
         for name in ("cpus", "pids", "nofile", "nproc"):
@@ -213,9 +241,34 @@ class Policy:
                 out.append(f"{name}={getattr(self, name)!r} is above {getattr(d, name)!r}")
         return out
 
+    def __repr__(self) -> str:
+        # only what differs from the defaults: a policy is read in logs and error messages
+        d = Policy()
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != getattr(d, f.name)]
+        return f"Policy({', '.join(changed)})"
+
     def to_json(self) -> str:
         """A stable JSON form, stored as a container label for audits."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+
+
+_SIZE_FIELDS = ("memory", "tmp_size", "home_size", "shm_size", "workdir_size", "max_file_size",
+                "max_output_bytes", "max_message_bytes", "max_history_bytes")
+#: Docker refuses less than 6 MiB; a Python kernel needs several times that.
+MIN_MEMORY = 6 << 20
+MIN_MESSAGE = 64 << 10
+
+_dataclass_init = Policy.__init__
+
+
+def _recording_init(self: Policy, *args: Any, **kwargs: Any) -> None:
+    _dataclass_init(self, *args, **kwargs)
+    names = [f.name for f in dataclasses.fields(Policy)]
+    object.__setattr__(self, "_explicit", frozenset(names[: len(args)]) | frozenset(kwargs))
+
+
+Policy.__init__ = _recording_init  # type: ignore[method-assign]
 
 
 def resolve_user(policy: Policy, host_uid: int, host_gid: int) -> tuple[int, int]:
@@ -268,6 +321,7 @@ def container_config(
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "JUPYTER_PLATFORM_DIRS": "1",
         "KERNELEXEC_MAX_OUTPUT": str(parse_size(policy.max_output_bytes)),
+        "KERNELEXEC_MAX_MESSAGE": str(parse_size(policy.max_message_bytes)),
         "KERNELEXEC_ORPHAN_TIMEOUT": str(policy.orphan_timeout),
         "KERNELEXEC_OWNER_SOCKET": f"{SOCKET_MOUNT}/{OWNER_SOCKET}",
     }

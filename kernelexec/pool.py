@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar
 
 from ._loop import LoopThread
 from .errors import KernelExecError
 from .policy import Policy
 from .session import AsyncSession, Session
+
+T = TypeVar("T")
 
 log = logging.getLogger("kernelexec")
 
@@ -250,14 +252,21 @@ class SessionPool:
     def stats(self) -> PoolStats:
         return self._async.stats
 
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._released:
+            coro.close()
+            raise PoolClosed("the pool is closed; create a new one")
+        return self._loop.run(coro)
+
     def acquire(self, timeout: float | None = None) -> Session:
-        return Session._adopt(self._loop.run(self._async.acquire(timeout)), self._loop)
+        return Session._adopt(self._run(self._async.acquire(timeout)), self._loop)
 
     def release(self, session: Session) -> None:
-        self._loop.run(self._async.release(session._async))
+        self._run(self._async.release(session._async))
+        session._closed = True  # released sessions are destroyed; the wrapper says so from now on
 
     def wait_warm(self, count: int | None = None) -> None:
-        self._loop.run(self._async.wait_warm(count))
+        self._run(self._async.wait_warm(count))
 
     @contextlib.contextmanager
     def session(self, timeout: float | None = None) -> Iterator[Session]:

@@ -68,7 +68,13 @@ def new_key() -> bytes:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate (code holding "\udce9") has no UTF-8 form; JSON's \u escape carries it
+        # to the kernel unchanged, which then treats it as Python would
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def build(

@@ -81,6 +81,9 @@ class ErrorInfo:
     def __str__(self) -> str:
         return f"{self.ename}: {self.evalue}"
 
+    def __repr__(self) -> str:
+        return f"ErrorInfo({_short(str(self))})"
+
 
 Output = Union[Stream, MimeBundle, ErrorInfo]
 
@@ -96,6 +99,33 @@ class Execution:
     duration: float = 0.0
     truncated: bool = False
     output_bytes: int = 0
+    #: The container's peak memory after this execution, in bytes, as the kernel read it from its
+    #: cgroup (code in the sandbox could forge it: a figure for people, not a control). None if unknown.
+    memory_peak: int | None = None
+    #: True when the session's history dropped these outputs to stay within ``Policy.max_history_bytes``.
+    outputs_dropped: bool = False
+
+    def __repr__(self) -> str:
+        # the outputs can be megabytes: a summary, not a dump
+        parts = [f"[{self.execution_count}]" if self.execution_count is not None else "[ ]", self.status]
+        if self.error is not None:
+            parts.append(_short(str(self.error)))
+        elif self.text is not None:
+            parts.append("-> " + _short(self.text))
+        kinds: dict[str, int] = {}
+        for o in self.outputs:
+            k = o.name if isinstance(o, Stream) else o.kind if isinstance(o, MimeBundle) else "error"
+            kinds[k] = kinds.get(k, 0) + 1
+        if kinds:
+            parts.append(", ".join(f"{n} {k}" for k, n in kinds.items()))
+        if self.truncated:
+            parts.append("truncated")
+        if self.outputs_dropped:
+            parts.append("outputs dropped from history")
+        parts.append(f"{self.duration * 1000:.1f} ms")
+        return f"<Execution {' '.join(parts[:2])}: {'; '.join(parts[2:])}>"
+
+    __str__ = __repr__
 
     @property
     def ok(self) -> bool:
@@ -138,6 +168,11 @@ class Execution:
     def images(self) -> list[bytes]:
         """Every PNG the code displayed, decoded."""
         return [png for png in (b.png for b in self.results) if png is not None]
+
+
+def _short(text: str, width: int = 60) -> str:
+    one = " ".join(text.split())
+    return repr(one if len(one) <= width else one[: width - 3] + "...")
 
 
 def _as_text(value: Any) -> str | None:

@@ -8,6 +8,7 @@ behaviour with no duplicated logic.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import logging
 import os
@@ -20,10 +21,12 @@ from typing import Any, Callable, Coroutine, NoReturn, TypeVar
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
 from .client import Callbacks, KernelClient, KernelGone
-from .container import PORTS, ConnectionInfo, Sandbox, retry_failed_cleanups, startup_gc
+from .container import PORTS, ConnectionInfo, Sandbox, install_exit_hooks, retry_failed_cleanups, startup_gc
 from .dockerapi import DockerAPIError, api
 from .errors import (
+    CodeTooLarge,
     ExecutionTimeout,
+    ImageNotFound,
     KernelDied,
     ProtocolError,
     SandboxError,
@@ -34,7 +37,7 @@ from .policy import OWNER_SOCKET, WORKDIR, Policy, parse_size
 from .precheck import CodePolicy
 from .profiles import profile_policy, within
 from .protocol import new_key
-from .results import ErrorInfo, Execution, MimeBundle
+from .results import ErrorInfo, Execution, MimeBundle, Stream
 from .sockdir import SOCKET_BASENAME
 
 log = logging.getLogger("kernelexec")
@@ -73,8 +76,12 @@ class AsyncSession:
         self._audit = open_audit_log(audit_log)
         self._precheck = precheck
         self.auto_restart = auto_restart
-        #: every execution of this session, in order (for ``to_notebook``); restarts included
+        #: every execution of this session, in order (for ``to_notebook``); restarts included.
+        #: Bounded by ``policy.max_history_bytes``: past it the oldest lose their outputs
+        #: (``outputs_dropped``), so hostile output cannot grow the host for the session's life.
         self.history: list[Execution] = []
+        self._history_bytes = 0
+        self._history_kept = 0  # history[:_history_kept] may still hold outputs
         self.id = secrets.token_hex(6)
         self._sandbox: Sandbox | None = None
         self._client: KernelClient | None = None
@@ -119,6 +126,7 @@ class AsyncSession:
             self._lock = asyncio.Lock()
         if self._sandbox is not None:
             return
+        install_exit_hooks()  # here, on the caller's thread: it may be the main one
         try:
             await asyncio.wait_for(self._start(), self.policy.start_timeout)
             self._log("created", container=self.container_id, image=self._sandbox.image if self._sandbox else None,
@@ -127,8 +135,9 @@ class AsyncSession:
         except asyncio.TimeoutError:
             await self._teardown()
             raise SandboxStartError(
-                f"the sandbox did not come up within {self.policy.start_timeout:g} s; the engine may be "
-                "overloaded. Raise Policy.start_timeout or run `kernelexec doctor`"
+                f"the sandbox did not come up within {self.policy.start_timeout:g} s (Policy.start_timeout); "
+                "the engine may be overloaded, or the runtime cannot run the kernel. "
+                "`kernelexec doctor` checks the engine, the image and the runtime"
             ) from None
         except BaseException:
             await self._teardown()
@@ -141,25 +150,27 @@ class AsyncSession:
         conn = ConnectionInfo(key=new_key(), session_id=self.id)
         sandbox = Sandbox(self.policy, image, conn)
         self._sandbox = sandbox
-        await sandbox.create()
+        try:
+            await sandbox.create()
+        except ImageNotFound as e:
+            if not self._image and os.environ.get("KERNELEXEC_IMAGE") == image:
+                raise ImageNotFound(f"{e} (the image was named by $KERNELEXEC_IMAGE={image!r}; unset it to "
+                                    "use the image built from this version's recipe)") from e
+            raise
         attach = await sandbox.attach()
+        # every task started here ends here, whatever happens (a cancelled start included):
+        # none may outlive it and fail unobserved
+        tasks: list[asyncio.Future[Any]] = []
         try:
             await sandbox.start()
             assert sandbox.sockdir is not None
             names = [f"{SOCKET_BASENAME}-{port}" for port in PORTS.values()] + [OWNER_SOCKET]
             ready = asyncio.ensure_future(sandbox.sockdir.wait_for(names))
             exited = asyncio.ensure_future(attach.wait_closed())
-            done, _ = await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if ready not in done:
-                ready.cancel()
-                await asyncio.gather(ready, return_exceptions=True)
-                died = await sandbox.death(2.0)
-                said = attach.text()
-                raise SandboxStartError(
-                    f"the kernel exited before it was ready ({died.reason})"
-                    + (f"; it said:\n{said}" if said else "")
-                    + "\nCheck the image with `kernelexec doctor`."
-                )
+            tasks += [ready, exited]
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.done():
+                raise await self._start_failed(sandbox, attach, "before it was ready")
             ready.result()
             # every channel is pinned, including the two our client does not use (stdin, heartbeat),
             # so that other Jupyter clients (the kernel provisioner) connect only to verified sockets
@@ -175,16 +186,33 @@ class AsyncSession:
             self._client = client
             await client.connect()
             info = asyncio.ensure_future(client.wait_ready())
-            done, _ = await asyncio.wait({info, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if info not in done:
-                info.cancel()
-                await asyncio.gather(info, return_exceptions=True)
-                raise SandboxStartError(f"the kernel exited while starting; it said:\n{attach.text()}")
+            tasks.append(info)
+            await asyncio.wait({info, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not info.done():
+                raise await self._start_failed(sandbox, attach, "while starting")
             self.kernel_info = info.result()
-            exited.cancel()
-            await asyncio.gather(exited, return_exceptions=True)
         finally:
+            for t in tasks:
+                t.cancel()
+            for r in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(r, Exception):  # the start already failed for the reason raised above
+                    log.debug("session %s: a start step also ended with %r", self.id, r)
             await attach.close()
+
+    async def _start_failed(self, sandbox: Sandbox, attach: Any, when: str) -> SandboxStartError:
+        died = await sandbox.death(2.0)
+        said = attach.text()
+        if died.oom_killed:
+            return SandboxStartError(
+                f"the kernel ran out of memory {when}: Policy.memory={self.policy.memory!r} is too small for "
+                "the kernel itself (an idle kernel needs about 40 MiB, more with large imports and tmpfs files). "
+                "Raise Policy.memory, e.g. to '256m'")
+        return SandboxStartError(
+            f"the kernel exited {when} ({died.reason})" + (f"; it said:\n{said}" if said else "")
+            + "\nCheck the image with `kernelexec doctor`.")
+
+    def __repr__(self) -> str:
+        return _describe(self, "AsyncSession")
 
     async def close(self) -> None:
         """Stop and remove the container, its volume and the socket directory."""
@@ -264,6 +292,11 @@ class AsyncSession:
                     return Execution(code=code, status="refused",
                                      outputs=[ErrorInfo("CodeRefused", reason,
                                                         f"CodeRefused: the pre-check refused this code: {reason}")])
+            limit = parse_size(self.policy.max_message_bytes)
+            size = _utf8_size(code)
+            if size > limit:
+                self._log("refused", code_sha256=code_digest(code), reasons=[f"code of {size} bytes"])
+                raise CodeTooLarge(size, limit)
             timeout = self.policy.timeout if timeout is None else timeout
             try:
                 msg_id = await client.submit(code, Callbacks(on_stdout, on_stderr, on_result))
@@ -285,31 +318,38 @@ class AsyncSession:
                     await self._restart_unlocked()
                     raise died.again(restarted=True) from e
                 raise died from e
+            self._remember(ex)
             if self._audit is not None:
                 try:
-                    self._log("executed", code_sha256=code_digest(code), code_bytes=len(code.encode()),
+                    self._log("executed", code_sha256=code_digest(code), code_bytes=size,
                               duration=round(ex.duration, 4), status=ex.status,
                               error=ex.error.ename if ex.error else None, truncated=ex.truncated,
-                              peak_memory_bytes=await self._peak_memory())
+                              peak_memory_bytes=ex.memory_peak, peak_memory_from="kernel")
                 except AuditLogError as e:
                     e.execution = ex
                     raise
-                finally:
-                    self.history.append(ex)
-            else:
-                self.history.append(ex)
             return ex
+
+    def _remember(self, ex: Execution) -> None:
+        """Append to history, then drop the oldest outputs until the kept ones fit the budget."""
+        self.history.append(ex)
+        self._history_bytes += _history_cost(ex)
+        budget = parse_size(self.policy.max_history_bytes)
+        while self._history_bytes > budget and self._history_kept < len(self.history):
+            old = self.history[self._history_kept]
+            self._history_kept += 1
+            if old.outputs_dropped:
+                continue
+            cost = _history_cost(old)
+            # a new object: the caller may still hold the Execution it was given
+            self.history[self._history_kept - 1] = _without_outputs(old, cost)
+            self._history_bytes -= cost - _history_cost(self.history[self._history_kept - 1])
 
     def to_notebook(self) -> Any:
         """An nbformat v4 notebook of every executed cell with its outputs."""
         from .notebook import to_notebook
 
         return to_notebook(self.history, self.kernel_info)
-
-    async def _peak_memory(self) -> int | None:
-        if self._sandbox is None or self._sandbox.container_id is None:
-            return None
-        return await api().memory_peak(self._sandbox.container_id)
 
     async def _on_timeout(self, client: KernelClient, msg_id: str, timeout: float, code: str) -> NoReturn:
         grace = self.policy.interrupt_grace
@@ -390,6 +430,14 @@ class AsyncSession:
         try:
             await api().put_archive(self._sandbox.container_id, WORKDIR, tar)
         except DockerAPIError as e:
+            if "no space left" in e.explanation.lower():
+                # the engine wrote what fitted: an empty file in its place says plainly that nothing arrived
+                await api().put_archive(self._sandbox.container_id, WORKDIR,
+                                        _tar_one(target, b"", self._sandbox.uid, self._sandbox.gid))
+                raise SandboxError(
+                    f"upload to {target} failed: the working directory is full ({len(data):,} bytes did not fit "
+                    f"in Policy.workdir_size={self.policy.workdir_size!r} with what is there). {target} was left "
+                    "empty; delete files in the sandbox or raise Policy.workdir_size") from e
             raise SandboxError(f"upload to {target} failed: {e.explanation}") from e
         return str(target)
 
@@ -406,6 +454,47 @@ class AsyncSession:
                 raise FileNotFoundError(f"{path} does not exist in the sandbox") from e
             raise SandboxError(f"download of {path} failed: {e.explanation}") from e
         return _untar_one(tar, path)
+
+
+def _describe(s: AsyncSession, face: str) -> str:
+    state = ("closed" if s._closed else "dead" if s._dead is not None else
+             "running" if s._client is not None else "not started")
+    parts = [f"id={s.id}", state]
+    if s.container_id:
+        parts.append(f"container={s.container_id[:12]}")
+    if s.profile:
+        parts.append(f"profile={s.profile}")
+    parts.append(f"executions={len(s.history)}")
+    return f"<{face} {' '.join(parts)}>"
+
+
+def _utf8_size(text: str) -> int:
+    # lone surrogates are sent escaped, as the kernel will see them
+    return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+#: Code kept in full in a history entry whose outputs were dropped; longer code keeps its digest.
+_HISTORY_CODE = 64 * 1024
+
+
+def _history_cost(ex: Execution) -> int:
+    """What an execution holds on the host, about: its code and its outputs."""
+    out = 0
+    for o in ex.outputs:
+        if isinstance(o, MimeBundle):
+            out += sum(len(v) if isinstance(v, str) else 64 for v in o.data.values()) + 64
+        else:
+            out += len(getattr(o, "text", "")) + len(getattr(o, "traceback", "")) + 64
+    return len(ex.code) + out + 256
+
+
+def _without_outputs(ex: Execution, cost: int) -> Execution:
+    code = ex.code if len(ex.code) <= _HISTORY_CODE else (
+        f"# [kernelexec: {len(ex.code):,} characters of code dropped from the session history; "
+        f"sha256 {code_digest(ex.code)}]")
+    note = Stream("stderr", f"[kernelexec: the outputs of this execution (about {cost:,} bytes) were dropped "
+                            "from the session history to stay within Policy.max_history_bytes]\n")
+    return dataclasses.replace(ex, code=code, outputs=[note], outputs_dropped=True)
 
 
 def _default_image() -> str:
@@ -449,8 +538,12 @@ def _tar_one(target: PurePosixPath, data: bytes, uid: int, gid: int) -> bytes:
 def _untar_one(tar: bytes, path: PurePosixPath) -> bytes:
     with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as tf:
         member = tf.next()
+        if member is not None and member.isdir():
+            raise IsADirectoryError(f"{path} is a directory; download() reads one file at a time "
+                                    "(tar the directory in the sandbox and download the archive)")
         if member is None or not member.isreg():
-            raise SandboxError(f"{path} is not a regular file (links are not followed out of the sandbox)")
+            raise SandboxError(f"{path} is not a regular file: it is a link or a device, and links are not "
+                               "followed out of the sandbox")
         f = tf.extractfile(member)
         assert f is not None
         return f.read()
@@ -476,6 +569,7 @@ class Session:
     ) -> None:
         self._async = AsyncSession(policy, image=image, profile=profile, profiles_file=profiles_file,
                                    audit_log=audit_log, precheck=precheck, auto_restart=auto_restart)
+        install_exit_hooks()  # from the caller's thread: the sandbox is made on the loop thread
         self._loop = LoopThread.acquire()
         self._owns_loop = True
         self._closed = False
@@ -494,6 +588,9 @@ class Session:
         return self
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed or self._async._closed:  # closed here, or by its pool
+            coro.close()  # never started: no "never awaited" warning
+            raise SessionClosed("this session was closed; create a new one")
         return self._loop.run(coro)
 
     def __enter__(self) -> Session:
@@ -556,9 +653,13 @@ class Session:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         try:
-            self._run(self._async.close())
+            if not self._async._closed:
+                self._loop.run(self._async.close())
         finally:
+            self._closed = True
             if self._owns_loop:
                 LoopThread.release()
+
+    def __repr__(self) -> str:
+        return _describe(self._async, "Session")

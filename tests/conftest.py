@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import sys
 from pathlib import Path
@@ -63,3 +65,36 @@ def leftovers(docker) -> tuple[list[str], list[str], list[str]]:
 def nothing_left_behind(docker):
     yield
     assert leftovers(docker) == ([], [], []), "the test run left sandboxes behind"
+
+
+#: What asyncio logs when a task or future ends with nobody to hear it: an error lost.
+ORPHAN_MARKERS = ("never retrieved", "Task was destroyed but it is pending")
+
+
+def orphan_errors(text: str) -> list[str]:
+    """Lines of a subprocess's output in which asyncio reported a lost error."""
+    return [line for line in text.splitlines() if any(m in line for m in ORPHAN_MARKERS)]
+
+
+class _OrphanCatcher(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if any(m in message for m in ORPHAN_MARKERS):
+            self.seen.append(message)
+
+
+_orphans = _OrphanCatcher()
+logging.getLogger("asyncio").addHandler(_orphans)
+
+
+@pytest.fixture(autouse=True)
+def no_unretrieved_asyncio_errors():
+    """Fails the test during which asyncio reported a task or future whose exception nobody read."""
+    yield
+    gc.collect()  # such reports are made when the task is collected
+    seen, _orphans.seen[:] = list(_orphans.seen), []
+    assert not seen, f"asyncio reported lost errors: {seen}"
