@@ -1,8 +1,20 @@
 """The ``kernelexec`` command.
 
-Expected failures (no engine, no image, a timeout, an unreadable file) print
-one line that says what to do and exit 2; a Python traceback means a bug.
-Exit 1 means the user's code failed; 0 that everything ran.
+Expected failures (no engine, no image, an unreadable file) print one line
+that says what to do; a Python traceback means a bug. Exit statuses:
+
+    0    everything ran
+    1    the user's code failed (an exception, a failed notebook cell), or a
+         finding of high severity (audit)
+    2    kernelexec could not do what was asked: a bad argument, an unreadable
+         or unwritable file, no engine, no image, a dead kernel
+    124  the code ran past --timeout (the run, and its sandbox, ended there)
+    130  interrupted (Ctrl-C)
+    N    the code called sys.exit(N), exit(N) or raise SystemExit(N): Python's
+         status for it (None 0, an int itself, else printed to stderr and 1)
+
+So a script run here exits as it would under ``python FILE.py``; in a notebook
+run, a cell's sys.exit ends the run (later cells do not run).
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,14 +33,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 
-from .errors import ExecutionTimeout, KernelDied, KernelExecError
+from .errors import ExecutionTimeout, ImageNotFound, KernelDied, KernelExecError
 from .policy import Policy
-from .results import Execution, MimeBundle
+from .results import ErrorInfo, Execution, MimeBundle, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
     from .session import Session
 
-EXIT_OK, EXIT_CODE_FAILED, EXIT_KERNELEXEC_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_CODE_FAILED, EXIT_KERNELEXEC_ERROR, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
+EXIT_CODES_HELP = __doc__.split("Exit statuses:\n\n", 1)[1].split("\n\n", 1)[0] if __doc__ else ""
 
 
 class CliError(KernelExecError):
@@ -73,11 +87,67 @@ def _echo(stream: TextIO) -> Callable[[str], None]:
     return write
 
 
+#: IPython's advice after a SystemExit in a cell ("To exit: use 'exit', ..."): wrong for a script run
+_EXIT_WARNING = re.compile(r"[^\n]*UserWarning: To exit: use 'exit', 'quit', or Ctrl-D\.\n(?:  warn\([^\n]*\n?)?")
+
+
+def _echo_stderr(stream: TextIO) -> Callable[[str], None]:
+    """Like :func:`_echo`, without IPython's exit advice (a script's exit is honoured here)."""
+    def write(text: str) -> None:
+        text = _EXIT_WARNING.sub("", text)
+        if text:
+            stream.write(text)
+            stream.flush()
+    return write
+
+
+def _scrub_exit_warning(ex: Execution) -> None:
+    """Drop IPython's exit advice from what is kept (the notebook written with -o)."""
+    for o in ex.outputs:
+        if isinstance(o, Stream) and o.name == "stderr":
+            o.text = _EXIT_WARNING.sub("", o.text)
+    ex.outputs[:] = [o for o in ex.outputs if not (isinstance(o, Stream) and not o.text)]
+
+
+def exit_status(error: ErrorInfo) -> tuple[int, str | None] | None:
+    """The status Python gives a ``SystemExit`` the kernel reported, and what it prints; None if not one.
+
+    Python's rule: ``None`` exits 0, an int exits with itself, anything else
+    is printed to stderr and exits 1. The kernel sends only ``str(code)``, so
+    a string that spells an int (``sys.exit("3")``) is read as that int.
+    """
+    if error.ename != "SystemExit":
+        return None
+    value = error.evalue.strip()
+    if value in ("", "None"):
+        return 0, None
+    if value in ("True", "False"):
+        return int(value == "True"), None
+    if re.fullmatch(r"[+-]?\d+", value):
+        code = int(value)
+        return (code & 0xFF, None) if -(2**31) <= code < 2**31 else (1, value)
+    return 1, error.evalue
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text()
     except OSError as e:
         raise CliError(f"cannot read {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise CliError(f"cannot read {path}: it is not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before anything runs when ``-o`` cannot be written (not after every cell did)."""
+    existed = out.exists()
+    try:
+        with out.open("a"):
+            pass
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {e.strerror or e}; nothing was run") from e
+    if not existed:
+        out.unlink()
 
 
 def _write_notebook(nb: Any, out: Path) -> None:
@@ -126,74 +196,182 @@ class ResultPrinter:
 
 
 def _print_error(ex: Execution) -> None:
-    if ex.error is not None:
-        print(ex.error.traceback or str(ex.error), file=sys.stderr, flush=True)
+    err = ex.error
+    if err is None:
+        return
+    status = exit_status(err)
+    if status is not None:
+        if status[1] is not None:
+            print(status[1], file=sys.stderr, flush=True)  # what Python prints for SystemExit("msg")
+        return
+    if err.ename == "StdinNotImplementedError":
+        # the user's frames, not ipykernel's, then what the user can do instead
+        mine = re.split(r"\n+File [^\n]*/ipykernel/", err.traceback, maxsplit=1)[0].rstrip()
+        print(f"{mine}\n\nStdinNotImplementedError: {NO_INPUT}", file=sys.stderr, flush=True)
+        return
+    print(err.traceback or str(err), file=sys.stderr, flush=True)
+
+
+NO_INPUT = "input() is not available in kernelexec sandboxes; pass data as code or upload a file"
+
+
+def _code_status(ex: Execution) -> int:
+    """A run's exit status from its execution: 0, 1, or a script's own SystemExit status."""
+    if ex.error is None:
+        return EXIT_OK
+    status = exit_status(ex.error)
+    return status[0] if status is not None else EXIT_CODE_FAILED
+
+
+class RunTimeout(KernelExecError):
+    """A one-shot run passed ``--timeout``: the run ends, and its sandbox with it."""
+
+
+def _run_timeout(what: str, e: ExecutionTimeout) -> RunTimeout:
+    return RunTimeout(f"{what} exceeded its timeout of {e.timeout:g} s; the run was stopped and its sandbox "
+                      "removed (raise --timeout to give it longer)")
 
 
 # -- run ----------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
+    stdin = args.file == "-"
     path = Path(args.file)
-    if path.suffix == ".ipynb":
+    if not stdin and path.suffix == ".ipynb":
         return _run_notebook(args, path)
-    code = _read_text(path)
+    code = sys.stdin.read() if stdin else _read_text(path)
+    if args.output:
+        _check_writable(Path(args.output))
     printer = ResultPrinter(Path(args.save_images) if args.save_images else None)
     with _session(args) as s:
-        ex = s.execute(code, timeout=args.timeout, on_stdout=_echo(sys.stdout), on_stderr=_echo(sys.stderr),
-                       on_result=printer)
+        try:
+            ex = s.execute(code, timeout=args.timeout, on_stdout=_echo(sys.stdout),
+                           on_stderr=_echo_stderr(sys.stderr), on_result=printer)
+        except ExecutionTimeout as e:
+            raise _run_timeout("the code from stdin" if stdin else str(path), e) from None
+        _scrub_exit_warning(ex)
         if args.output:
-            _write_notebook(s.to_notebook(), Path(args.output))
+            from .notebook import to_notebook
+
+            _write_notebook(to_notebook([ex], s.kernel_info), Path(args.output))
     _print_error(ex)
-    return EXIT_OK if ex.error is None else EXIT_CODE_FAILED
+    return _code_status(ex)
+
+
+class _EndOfRun(Exception):
+    """Raised from the per-cell callback to end a notebook run (a cell called sys.exit)."""
 
 
 def _run_notebook(args: argparse.Namespace, path: Path) -> int:
-    import nbformat
+    from .notebook import KERNELSPEC, execution_to_outputs, notebook_errors, run_notebook
 
-    from .notebook import notebook_errors, run_notebook
-
-    try:
-        nb = nbformat.reads(_read_text(path), as_version=4)
-    except (ValueError, nbformat.ValidationError) as e:  # NotJSONError is a ValueError
-        raise CliError(f"{path} is not a readable notebook: {e}") from e
-    if not args.output:
+    nb = _read_notebook(path)
+    if args.output:
+        _check_writable(Path(args.output))
+    else:
         print("note: no -o OUT.ipynb given; outputs are not kept", file=sys.stderr)
+    spec = nb.metadata.get("kernelspec") or {}
+    if isinstance(spec, dict) and spec.get("name") not in (None, KERNELSPEC["name"]):
+        print(f"note: {path.name} names the kernel {spec.get('name')!r}, not 'kernelexec'; its cells run in the "
+              "sandbox kernel anyway (a notebook that drives kernelexec from the host runs with "
+              "`jupyter nbconvert --execute`, not here)", file=sys.stderr)
+    ended: list[int] = []  # the exit status of a cell that called sys.exit
+    timed_out = False
 
     def report(index: int, cell: Any, ex: Execution) -> None:
+        nonlocal timed_out
+        _scrub_exit_warning(ex)
+        cell.outputs = execution_to_outputs(ex)
         print(f"cell {index + 1}/{len(nb.cells)} [{ex.execution_count}]: {ex.status} in {ex.duration:.2f} s",
               file=sys.stderr)
+        if any(isinstance(o, ErrorInfo) and o.ename == "ExecutionTimeout" for o in ex.outputs):
+            # the cell keeps the library's record; here, the run's own account (it ends with its sandbox
+            # unless --allow-errors goes on)
+            timed_out = True
+            limit = f" of {args.timeout:g} s" if args.timeout else " (the policy's)"
+            print(f"kernelexec: cell {index + 1} exceeded its timeout{limit}", file=sys.stderr)
+            return
         _print_error(ex)
+        status = exit_status(ex.error) if ex.error is not None else None
+        if status is not None:
+            ended.append(status[0])
+            raise _EndOfRun  # as a script ends at sys.exit: later cells do not run, even with --allow-errors
 
     with _session(args) as s:
-        run_notebook(s, nb, timeout=args.timeout, allow_errors=args.allow_errors, on_cell=report)
+        try:
+            run_notebook(s, nb, timeout=args.timeout, allow_errors=args.allow_errors, on_cell=report)
+        except _EndOfRun:
+            nb.metadata["kernelspec"] = dict(KERNELSPEC)
     if args.output:
         _write_notebook(nb, Path(args.output))
         print(f"wrote {args.output}", file=sys.stderr)
-    return EXIT_CODE_FAILED if notebook_errors(nb) else EXIT_OK
+    failed = any(o.get("ename") != "SystemExit" for _, o in notebook_errors(nb))
+    if timed_out:
+        return EXIT_TIMEOUT
+    if ended:  # sys.exit(0) after a failed cell (--allow-errors) does not make the run a success
+        return ended[0] or (EXIT_CODE_FAILED if failed else EXIT_OK)
+    return EXIT_CODE_FAILED if failed else EXIT_OK
+
+
+def _read_notebook(path: Path) -> Any:
+    """The notebook at ``path`` as nbformat v4, or a one-line error saying why it is not one."""
+    import nbformat
+
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise CliError(f"{path} is not a readable notebook: it is not JSON ({e})") from e
+    if not isinstance(data, dict) or not (isinstance(data.get("cells"), list) or "worksheets" in data):
+        raise CliError(f"{path} is JSON but not a notebook: a notebook is an object with 'cells', 'metadata' "
+                       "and 'nbformat' (nbformat v4)")
+    try:
+        nb = nbformat.reads(text, as_version=4)
+        nbformat.validate(nb)
+    # nbformat reports JSON that is not a notebook as whatever its converters hit: a schema error,
+    # a ValueError, or a TypeError/AttributeError/KeyError from a value of the wrong type
+    except (ValueError, TypeError, AttributeError, KeyError, nbformat.ValidationError) as e:
+        detail = str(getattr(e, "message", None) or e).splitlines()[0] if str(e) else type(e).__name__
+        raise CliError(f"{path} is not a readable notebook ({detail}); expected nbformat JSON "
+                       "with a list of cells") from e
+    return nb
 
 
 # -- repl ---------------------------------------------------------------------------
 
-def read_block(prompt: Callable[[str], str], number: int, interactive: bool) -> str | None:
-    """One input: a line, or a block opened by a line ending in ':' or '\\' and closed by a blank line.
+def read_block(prompt: Callable[[str], str], number: int, interactive: bool,
+               status: Callable[[str], str] | None = None) -> str | None:
+    """One input: a line, and more lines while the kernel says the code is incomplete.
 
-    Returns None at end of input. Prompts are shown only on a terminal, so
-    piped input gives output a test (or a script) can compare.
+    ``status`` is the kernel's ``is_complete_request`` (as Jupyter's consoles
+    use it): ``x = [1,`` asks for another line, and a compound statement ends
+    with a blank line. Without an answer ("unknown"), a line ending in ':' or
+    '\\' opens a block that a blank line closes. Returns None at end of input.
+    Prompts are shown only on a terminal, so piped input gives output a test
+    (or a script) can compare.
     """
     try:
         lines = [prompt(f"In [{number}]: " if interactive else "")]
     except EOFError:
         return None
-    in_block = lines[0].rstrip().endswith((":", "\\"))
-    while in_block:
+    while _needs_more(lines, status):
         try:
-            line = prompt("   ...: " if interactive else "")
+            lines.append(prompt("   ...: " if interactive else ""))
         except EOFError:
             break  # run what was typed, then the next read ends the session
-        if not line.strip():
-            break
-        lines.append(line)
     return "\n".join(lines)
+
+
+def _needs_more(lines: list[str], status: Callable[[str], str] | None) -> bool:
+    code = "\n".join(lines)
+    verdict = status(code) if status is not None and code.strip() else "unknown"
+    if verdict == "unknown":
+        return lines[0].rstrip().endswith((":", "\\")) and (len(lines) == 1 or bool(lines[-1].strip()))
+    return verdict == "incomplete"
+
+
+#: inputs that leave the REPL, as in Python's and IPython's own
+REPL_EXITS = {"exit", "quit", "exit()", "quit()"}
 
 
 def cmd_repl(args: argparse.Namespace) -> int:
@@ -202,45 +380,65 @@ def cmd_repl(args: argparse.Namespace) -> int:
     if interactive:
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     printer = ResultPrinter(Path(args.save_images) if args.save_images else None)
+    status = EXIT_OK
     with _session(args, auto_restart=True) as s:
         if not args.verbose:
             # from here on a warning is news to the user (a kernel replaced after a Ctrl-C)
             logging.getLogger("kernelexec").setLevel(logging.WARNING)
         if interactive:
             print(f"kernelexec sandbox {s.id} (container {(s.container_id or '?')[:12]}); "
-                  "Ctrl-C interrupts, Ctrl-D quits.")
+                  "Ctrl-C interrupts, Ctrl-D or exit() quits.")
         number = 1
         while True:
             try:
-                code = read_block(input, number, interactive)
+                code = read_block(input, number, interactive, _complete_status(s))
             except KeyboardInterrupt:
                 print("\nKeyboardInterrupt (input discarded)", file=sys.stderr)
                 continue
-            if code is None:
+            if code is None or code.strip() in REPL_EXITS:
                 break
             if code.strip():
-                number = _repl_execute(s, code, args.timeout, printer, number)
+                number, ended = _repl_execute(s, code, args.timeout, printer, number)
+                if ended is not None:  # the code called sys.exit(): leave, as Python's REPL does
+                    status = ended
+                    break
     if interactive:
         print()
-    return EXIT_OK
+    return status
 
 
-def _repl_execute(s: Session, code: str, timeout: float | None, printer: ResultPrinter, number: int) -> int:
-    """Run one input; return the next prompt number. Errors are shown and the prompt goes on."""
+def _complete_status(s: Session) -> Callable[[str], str]:
+    def status(code: str) -> str:
+        try:
+            return s.complete_status(code)
+        except KernelDied as e:
+            s.restart()  # as after a death during execute (auto_restart): the prompt goes on
+            print(f"kernelexec: {e.again(restarted=True)}", file=sys.stderr)
+            return "unknown"
+    return status
+
+
+def _repl_execute(s: Session, code: str, timeout: float | None, printer: ResultPrinter,
+                  number: int) -> tuple[int, int | None]:
+    """Run one input; return the next prompt number, and the exit status when the code called sys.exit.
+
+    Errors are shown and the prompt goes on.
+    """
     try:
         with CtrlCInterrupts(s):
-            ex = s.execute(code, timeout=timeout, on_stdout=_echo(sys.stdout), on_stderr=_echo(sys.stderr),
+            ex = s.execute(code, timeout=timeout, on_stdout=_echo(sys.stdout), on_stderr=_echo_stderr(sys.stderr),
                            on_result=printer)
     except KeyboardInterrupt:
         # the second Ctrl-C: execute() was cancelled, which interrupts the kernel once more and
         # replaces it (with a warning) if it still does not stop within the policy's grace
         print("KeyboardInterrupt: stopped waiting for the code", file=sys.stderr)
-        return number + 1
+        return number + 1, None
     except (ExecutionTimeout, KernelDied) as e:
         print(f"kernelexec: {e}", file=sys.stderr)
-        return 1 if e.state_lost else number + 1
+        return (1 if e.state_lost else number + 1), None
     _print_error(ex)
-    return (ex.execution_count or number) + 1
+    ended = exit_status(ex.error) if ex.error is not None else None
+    return (ex.execution_count or number) + 1, (ended[0] if ended is not None else None)
 
 
 class CtrlCInterrupts:
@@ -439,14 +637,7 @@ def _check_smoke(args: argparse.Namespace) -> str:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.agents:
-        from .agents_audit import audit_agents, findings_json, format_findings
-
-        findings = audit_agents(args.agents)
-        if args.json:
-            print(json.dumps({"agents": findings_json(findings)}, indent=2))
-        else:
-            print(format_findings(findings))
-        return EXIT_CODE_FAILED if any(f.severity == "high" for f in findings) else EXIT_OK
+        return _audit_agents(args)
     from .audit import format_table, run_audit, to_json
     from .profiles import profile_policy
 
@@ -454,6 +645,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
     audit_findings = run_audit(policy, args.profiles)
     print(to_json(audit_findings) if args.json else format_table(audit_findings))
     return EXIT_CODE_FAILED if any(f.severity == "high" for f in audit_findings) else EXIT_OK
+
+
+def _audit_agents(args: argparse.Namespace) -> int:
+    """A CI gate: a missing path, or one with no Python file to read, fails (exit 2), never passes."""
+    from .agents_audit import audit_json, format_audit, format_findings, scan_agents
+
+    try:
+        audit = scan_agents(args.agents)
+    except FileNotFoundError as e:
+        raise CliError(f"audit --agents: {args.agents} does not exist; nothing was audited") from e
+    if args.json:
+        print(json.dumps(audit_json(audit), indent=2))
+    elif audit.files:
+        print(format_audit(audit))
+    elif audit.findings:
+        print(format_findings(audit.findings))
+    if not audit.files:
+        raise CliError(f"audit --agents: read 0 Python files in {args.agents}; nothing was audited "
+                       "(point it at your agent code: a .py file or a directory holding some)")
+    return EXIT_CODE_FAILED if any(f.severity == "high" for f in audit.findings) else EXIT_OK
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
@@ -473,6 +684,17 @@ def cmd_kernelspec(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_kernelspec_uninstall(args: argparse.Namespace) -> int:
+    from .provisioner import uninstall_kernelspec
+
+    try:
+        path = uninstall_kernelspec(user=not args.sys_prefix, prefix=sys.prefix if args.sys_prefix else None)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from e
+    print(f"removed kernelspec 'kernelexec' from {path}")
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------
 
 def _positive(value: str) -> float:
@@ -485,54 +707,78 @@ def _positive(value: str) -> float:
     return f
 
 
+def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after its name (``kernelexec mcp --profile analyst``).
+
+    On the subcommands they default to SUPPRESS, so an option given before
+    the command is not reset by the subcommand's own parse.
+    """
+    d: dict[str, Any] = {} if defaults else {"default": argparse.SUPPRESS}
+    p.add_argument("--image", help="kernel image (default: $KERNELEXEC_IMAGE, else the built-in recipe's tag)", **d)
+    p.add_argument("--profile", help="named policy from the profile file", **d)
+    p.add_argument("--audit-log", help="append session events (JSON lines) to this file", **d)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the library's warnings and what it cleans up", **d)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kernelexec", description="Sandboxed, stateful Jupyter kernels for agents.")
-    p.add_argument("--image", help="kernel image (default: $KERNELEXEC_IMAGE, else the built-in recipe's tag)")
-    p.add_argument("--profile", help="named policy from the profile file")
-    p.add_argument("--audit-log", help="append session events (JSON lines) to this file")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the library's warnings and what it cleans up")
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="kernelexec", description="Sandboxed, stateful Jupyter kernels for agents.",
+                                epilog="exit status:\n" + EXIT_CODES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"kernelexec {__version__}")
+    _global_options(p, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a .py file or a notebook in a fresh sandbox")
-    r.add_argument("file", help="a .py file, or a .ipynb notebook (its code cells run in order in one sandbox)")
+    def command(parent: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+        return parent.add_parser(name, parents=[common], **kw)  # type: ignore[no-any-return]
+
+    r = command(sub, "run", help="run a .py file or a notebook in a fresh sandbox",
+                epilog="exit status:\n" + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("file", help="a .py file, '-' for Python code on stdin, or a .ipynb notebook (its code "
+                                "cells run in order in one sandbox)")
     r.add_argument("-o", "--output", help="write the executed notebook here (for a .py: the run as a notebook)")
     r.add_argument("--timeout", type=_positive, help="seconds for the file, or per notebook cell")
     r.add_argument("--save-images", metavar="DIR", help="save displayed PNGs here (.py files)")
     r.add_argument("--allow-errors", action="store_true", help="notebooks: keep going after a failing cell")
     r.set_defaults(fn=cmd_run)
 
-    rp = sub.add_parser("repl", help="an interactive prompt in a sandbox")
+    rp = command(sub, "repl", help="an interactive prompt in a sandbox")
     rp.add_argument("--timeout", type=_positive, help="seconds per input (default: the policy's)")
     rp.add_argument("--save-images", metavar="DIR", help="save displayed PNGs here")
     rp.set_defaults(fn=cmd_repl)
 
     img = sub.add_parser("image", help="the kernel image").add_subparsers(dest="image_command", required=True)
-    b = img.add_parser("build", help="build the kernel image (skipped when up to date)")
+    b = command(img, "build", help="build the kernel image (skipped when up to date)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--offline", action="store_true", help="debootstrap base and a host-downloaded wheelhouse")
     g.add_argument("--online", action="store_true", help="public Python base image, packages from the index")
     b.add_argument("--force", action="store_true", help="rebuild even if the image exists")
     b.set_defaults(fn=cmd_image_build)
 
-    ps = sub.add_parser("ps", help="list sessions")
+    ps = command(sub, "ps", help="list sessions")
     ps.add_argument("--all-hosts", action="store_true", help="include sessions of other hosts sharing the engine")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(fn=cmd_ps)
 
-    gc = sub.add_parser("gc", help="remove what crashed processes left behind")
+    gc = command(sub, "gc", help="remove what crashed processes left behind")
     gc.add_argument("--all", action="store_true", help="also sessions of live processes on this host")
     gc.add_argument("--json", action="store_true")
     gc.set_defaults(fn=cmd_gc)
 
-    sub.add_parser("doctor", help="check Docker, the image and ipc; say what to fix").set_defaults(fn=cmd_doctor)
+    command(sub, "doctor", help="check Docker, the image and ipc; say what to fix").set_defaults(fn=cmd_doctor)
 
-    a = sub.add_parser("audit", help="audit the policy, the Docker daemon and live sessions (or agent code)")
-    a.add_argument("--agents", metavar="PATH", help="audit AutoGen 0.2/AG2 agent files instead (parsed, never run)")
+    a = command(sub, "audit", help="audit the policy, the Docker daemon and live sessions (or agent code)")
+    a.add_argument("--agents", metavar="PATH", help="audit AutoGen (0.2/AG2, 0.7) agent files instead (parsed, "
+                                                    "never run); a missing path or no .py file read fails")
     a.add_argument("--profiles", metavar="FILE", help="the profile file (default: kernelexec.toml, ...)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_audit)
 
-    m = sub.add_parser("mcp", help="serve sandboxes to MCP clients (stdio, or streamable HTTP)")
+    m = command(sub, "mcp", help="serve sandboxes to MCP clients (stdio, or streamable HTTP)")
     m.add_argument("--http", action="store_true", help="streamable HTTP instead of stdio")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8000)
@@ -541,9 +787,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_mcp)
 
     ks = sub.add_parser("kernelspec", help="Jupyter integration").add_subparsers(dest="ks_command", required=True)
-    ki = ks.add_parser("install", help="install a 'kernelexec' kernelspec (JupyterLab, nbclient, papermill)")
+    ki = command(ks, "install", help="install a 'kernelexec' kernelspec (JupyterLab, nbclient, papermill)")
     ki.add_argument("--sys-prefix", action="store_true", help="into this environment instead of the user's")
     ki.set_defaults(fn=cmd_kernelspec)
+    ku = command(ks, "uninstall", help="remove the 'kernelexec' kernelspec that install added")
+    ku.add_argument("--sys-prefix", action="store_true", help="from this environment instead of the user's")
+    ku.set_defaults(fn=cmd_kernelspec_uninstall)
     return p
 
 
@@ -576,9 +825,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _cli_logging(args.verbose):
             return int(args.fn(args))
+    except ImageNotFound as e:
+        print(f"kernelexec: {_missing_image_advice(args, e)}", file=sys.stderr)
+        return EXIT_KERNELEXEC_ERROR
+    except RunTimeout as e:
+        print(f"kernelexec: {e}", file=sys.stderr)
+        return EXIT_TIMEOUT
     except KernelExecError as e:
         print(f"kernelexec: {e}", file=sys.stderr)
         return EXIT_KERNELEXEC_ERROR
     except KeyboardInterrupt:
         print("kernelexec: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _missing_image_advice(args: argparse.Namespace, e: ImageNotFound) -> str:
+    """The library says "pass Policy(image=...)"; on the command line the cause and the fix are named here."""
+    env = os.environ.get("KERNELEXEC_IMAGE")
+    if args.image:
+        return (f"the kernel image {args.image!r} (from --image) is not on this Docker engine; pull or build it, "
+                "or drop --image to use the built-in one (`kernelexec image build`)")
+    pinned = None
+    if args.profile:
+        from .profiles import profile_policy
+
+        pinned = profile_policy(args.profile).image
+    if pinned:
+        return (f"the kernel image {pinned!r} (pinned by profile {args.profile!r}) is not on this Docker engine; "
+                "pull or build it, or change the profile's image")
+    if env:
+        return (f"the kernel image {env!r} (from $KERNELEXEC_IMAGE) is not on this Docker engine; pull or build "
+                "it, or unset KERNELEXEC_IMAGE to use the built-in one (`kernelexec image build`)")
+    return (f"the kernel image {_default_tag()!r} is not built on this Docker engine: run `kernelexec image "
+            "build` (works offline), or pass --image")

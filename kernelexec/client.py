@@ -414,6 +414,24 @@ class KernelClient:
             raise p.callback_error
         return ex
 
+    # -- is_complete (issue 11, REPL continuation lines) ------------------------------
+
+    async def complete_status(self, code: str, timeout: float) -> str:
+        """The kernel's ``is_complete_request`` verdict on ``code``, as Jupyter consoles ask it.
+
+        One of ``"complete"``, ``"incomplete"``, ``"invalid"``, ``"unknown"``;
+        ``"unknown"`` too when the kernel does not answer within ``timeout``
+        (the request is then forgotten: its late reply is dropped).
+        """
+        msg_id, fut = await self.request("shell", "is_complete_request", {"code": code})
+        try:
+            reply = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self._replies.pop(msg_id, None)
+            return "unknown"
+        status = reply.content.get("status")
+        return status if status in ("complete", "incomplete", "invalid") else "unknown"
+
     def abandon(self, msg_id: str) -> Execution | None:
         """Forget a request whose reply will never be awaited; return what it produced."""
         p = self._pending.pop(msg_id, None)

@@ -256,6 +256,27 @@ def _kernelexec_setup() -> None:
 
         threading.Thread(target=watchdog, name="kernelexec-orphan-watchdog", daemon=True).start()
 
+    # exit() and quit() end the code as they end a Python script: SystemExit, whose status the host reads
+    # (``kernelexec run`` exits with it). ipykernel's own ask for a kernel shutdown that a sandbox, owned
+    # by its session, never does: the call returned and the code after it went on running.
+    from IPython.core.autocall import IPyAutocall
+
+    class _Exit(IPyAutocall):  # type: ignore[misc]
+        rewrite = False  # bare `exit` calls it too, as in IPython
+
+        def __init__(self, name: str) -> None:
+            super().__init__(ip)
+            self._name = name
+
+        def __repr__(self) -> str:
+            return f"Use {self._name}() or {self._name}(status) to end the code"
+
+        def __call__(self, code: object = None) -> None:  # type: ignore[override]
+            raise SystemExit(code)
+
+    for name in ("exit", "quit"):
+        ip.user_ns[name] = ip.user_ns_hidden[name] = _Exit(name)
+
     # A kernel's first cell pays for lazy imports and first-use set-up (about 5 ms); a pooled session's
     # first user gets that cell. Run one silent cell now, while the host is still waiting for the kernel.
     ip.run_cell("1", store_history=False, silent=True)

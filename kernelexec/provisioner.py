@@ -135,4 +135,41 @@ def install_kernelspec(*, user: bool = True, prefix: str | None = None, image: s
                                                            prefix=prefix))
 
 
-__all__ = ["KernelExecProvisioner", "install_kernelspec", "kernelspec"]
+def _kernelspec_dir(*, user: bool, prefix: str | None) -> Path:
+    """Where :func:`install_kernelspec` puts (and so where uninstall looks for) the kernelspec."""
+    from jupyter_client.kernelspec import SYSTEM_JUPYTER_PATH, KernelSpecManager
+
+    if user and prefix is None:
+        return Path(KernelSpecManager().user_kernel_dir) / KERNEL_NAME
+    if prefix is not None:
+        return Path(prefix).absolute() / "share" / "jupyter" / "kernels" / KERNEL_NAME
+    return Path(SYSTEM_JUPYTER_PATH[0]) / "kernels" / KERNEL_NAME
+
+
+def uninstall_kernelspec(*, user: bool = True, prefix: str | None = None) -> str:
+    """Remove what :func:`install_kernelspec` installed (same ``user``/``prefix``); returns the directory.
+
+    Raises FileNotFoundError when it is not installed there, and refuses a
+    "kernelexec" kernelspec that is not this provisioner's (someone else's kernel).
+    """
+    import shutil
+
+    where = _kernelspec_dir(user=user, prefix=prefix)
+    spec = where / "kernel.json"
+    if not spec.is_file():
+        scope = f"under {prefix}" if prefix is not None else "for this user" if user else "system-wide"
+        raise FileNotFoundError(f"no 'kernelexec' kernelspec is installed {scope} ({where} does not exist); "
+                                "`jupyter kernelspec list` shows where kernelspecs are")
+    try:
+        provisioner = json.loads(spec.read_text())["metadata"]["kernel_provisioner"]["provisioner_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        provisioner = None
+    if provisioner != "kernelexec-provisioner":
+        raise FileNotFoundError(f"{where} is a kernelspec named 'kernelexec' that kernelexec did not install "
+                                "(it does not use the kernelexec provisioner); left in place, remove it with "
+                                "`jupyter kernelspec remove kernelexec`")
+    shutil.rmtree(where)
+    return str(where)
+
+
+__all__ = ["KernelExecProvisioner", "install_kernelspec", "kernelspec", "uninstall_kernelspec"]

@@ -411,6 +411,21 @@ class AsyncSession:
         except (KernelGone, ProtocolError) as e:
             raise await self._died(e) from e
 
+    # -- is_complete (issue 11, REPL continuation lines) ------------------------------
+
+    async def complete_status(self, code: str) -> str:
+        """Whether ``code`` is a whole input, in the kernel's own words: ``"complete"``,
+        ``"incomplete"`` (a console asks for another line), ``"invalid"`` or ``"unknown"``."""
+        if self._lock is None:
+            await self.start()
+        assert self._lock is not None
+        async with self._lock:
+            client = self._require()
+            try:
+                return await client.complete_status(code, self.policy.interrupt_grace)
+            except (KernelGone, ProtocolError) as e:
+                raise await self._died(e) from e
+
     # -- files ---------------------------------------------------------------------
 
     async def upload(self, src: str | os.PathLike[str] | bytes, dest: str) -> str:
@@ -633,6 +648,9 @@ class Session:
 
     def interrupt(self) -> None:
         self._run(self._async.interrupt())
+
+    def complete_status(self, code: str) -> str:
+        return self._run(self._async.complete_status(code))
 
     @property
     def history(self) -> list[Execution]:

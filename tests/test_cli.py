@@ -121,8 +121,9 @@ def test_run_timeout_is_an_expected_error(kernel_image, tmp_path):
     f = tmp_path / "slow.py"
     f.write_text("print('started', flush=True)\nimport time\ntime.sleep(60)\n")
     p = kx("run", str(f), "--timeout", "2", image=kernel_image)
-    assert p.returncode == 2 and p.stdout == "started\n"
+    assert p.returncode == 124 and p.stdout == "started\n"  # not 2, the usage/kernelexec-error status
     assert "exceeded its timeout of 2 s" in p.stderr and "Traceback" not in p.stderr
+    assert "intact" not in p.stderr  # the one-shot run's session ends with it
 
 
 # -- run: notebooks --------------------------------------------------------------------
@@ -185,7 +186,8 @@ def test_notebook_cell_timeout_is_recorded_in_the_notebook(kernel_image, tmp_pat
     src = write_nb(tmp_path / "in.ipynb", "print('a', flush=True)\nimport time\ntime.sleep(60)", "print('b')")
     out = tmp_path / "out.ipynb"
     p = kx("run", str(src), "-o", str(out), "--timeout", "2", image=kernel_image)
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == 124, p.stderr
+    assert "cell 1 exceeded its timeout of 2 s" in p.stderr and "intact" not in p.stderr
     first, second = nbformat.read(out, as_version=4).cells
     assert first.outputs[0].text == "a\n"
     assert first.outputs[-1].ename == "ExecutionTimeout" and "state are intact" in first.outputs[-1].evalue
@@ -330,3 +332,189 @@ def test_help_and_module_entry_point():
     assert p.returncode == 0
     for command in ("run", "repl", "image", "ps", "gc", "doctor"):
         assert command in p.stdout
+
+
+# -- issue 11: what the CLI promises -------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--profile", "strict", "--image", "img", "--audit-log", "a.jsonl", "-v", "x.py"],
+    ["--profile", "strict", "--image", "img", "--audit-log", "a.jsonl", "-v", "run", "x.py"],
+    ["--profile", "strict", "-v", "run", "--image", "img", "--audit-log", "a.jsonl", "x.py"],
+])
+def test_global_options_before_or_after_the_command(argv):
+    from kernelexec.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.profile, args.image, args.audit_log, args.verbose, args.file) == (
+        "strict", "img", "a.jsonl", True, "x.py")
+
+
+def test_global_options_default_when_not_given_and_reach_every_command():
+    from kernelexec.cli import build_parser
+
+    parse = build_parser().parse_args
+    args = parse(["run", "x.py"])
+    assert (args.profile, args.image, args.audit_log, args.verbose) == (None, None, None, False)
+    assert parse(["mcp", "--profile", "analyst"]).profile == "analyst"  # the README's MCP config
+    assert parse(["repl", "--profile", "strict"]).profile == "strict"
+    assert parse(["audit", "--profile", "strict", "--json"]).profile == "strict"
+    assert parse(["kernelspec", "install", "--image", "i"]).image == "i"
+    assert parse(["doctor", "-v"]).verbose is True
+
+
+def test_profile_after_run_takes_effect(kernel_image, tmp_path):
+    f = tmp_path / "nofile.py"
+    f.write_text("import resource\nprint(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+    p = kx("run", "--profile", "strict", "--image", kernel_image, str(f), image=None)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "256\n"  # strict's nofile; the default policy gives 1024
+
+
+EXITS = [
+    ("import sys\nprint('a')\nsys.exit(0)\nprint('b')\n", 0, "a\n", ""),
+    ("import sys\nsys.exit(3)\n", 3, "", ""),
+    ("import sys\nsys.exit()\n", 0, "", ""),
+    ("import sys\nsys.exit(None)\n", 0, "", ""),
+    ("print('a')\nexit()\nprint('b')\n", 0, "a\n", ""),
+    ("quit(5)\nprint('b')\n", 5, "", ""),
+    ("exit(7)\n", 7, "", ""),
+    ("raise SystemExit('msg')\n", 1, "", "msg\n"),
+    ("import sys\nsys.exit('bye')\n", 1, "", "bye\n"),
+    ("def f():\n    raise SystemExit(9)\nf()\n", 9, "", ""),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "out", "err"), EXITS)
+def test_a_scripts_exit_status_is_the_runs(kernel_image, tmp_path, code, status, out, err):
+    f = tmp_path / "script.py"
+    f.write_text(code)
+    p = kx("run", str(f), image=kernel_image)
+    assert (p.returncode, p.stdout, p.stderr) == (status, out, err)  # no IPython "To exit: use 'exit'..."
+
+
+def test_sys_exit_ends_a_notebook_run(kernel_image, tmp_path):
+    src = write_nb(tmp_path / "in.ipynb", "print(1)", "import sys\nsys.exit(4)", "print('not reached')")
+    out = tmp_path / "out.ipynb"
+    p = kx("run", str(src), "-o", str(out), "--allow-errors", image=kernel_image)
+    assert p.returncode == 4, p.stderr
+    assert "To exit" not in p.stderr and "Traceback" not in p.stderr
+    cells = nbformat.read(out, as_version=4).cells
+    assert cells[0].outputs[0].text == "1\n"
+    assert cells[2].outputs == [] and cells[2].execution_count is None  # later cells did not run
+    assert not any("To exit" in o.get("text", "") for c in cells for o in c.outputs)
+    ok = kx("run", str(write_nb(tmp_path / "ok.ipynb", "exit()", "print('not reached')")), image=kernel_image)
+    assert ok.returncode == 0 and "not reached" not in ok.stdout, ok.stderr
+    failed = kx("run", str(write_nb(tmp_path / "f.ipynb", "1/0", "exit(0)")), "--allow-errors", image=kernel_image)
+    assert failed.returncode == 1  # the failed cell still counts
+
+
+def test_repl_continues_lines_the_kernel_calls_incomplete(kernel_image):
+    p = kx("repl", image=kernel_image,
+           stdin="x = [1,\n2]\nprint(sum(x))\nd = {'a':\n  1}\nd['a']\ns = '''one\ntwo'''\nprint(s)\n"
+                 "def f(n):\n    return n * 2\n\nf(21)\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "3\n1\none\ntwo\n42\n"
+    assert "SyntaxError" not in p.stderr
+
+
+@pytest.mark.parametrize("leave", ["exit", "quit", "exit()", "quit()"])
+def test_repl_exit_and_quit_leave(kernel_image, leave):
+    p = kx("repl", image=kernel_image, stdin=f"print(1)\n{leave}\nprint('not reached')\n")
+    assert (p.returncode, p.stdout) == (0, "1\n"), p.stderr
+    assert "Error" not in p.stderr
+
+
+def test_repl_sys_exit_leaves_with_its_status(kernel_image):
+    p = kx("repl", image=kernel_image, stdin="import sys\nif True:\n    sys.exit(3)\n\nprint('not reached')\n")
+    assert (p.returncode, p.stdout) == (3, ""), p.stderr
+
+
+def test_input_says_plainly_it_is_not_available(kernel_image, tmp_path):
+    p = kx("repl", image=kernel_image, stdin="name = input('name? ')\nprint('after')\n")
+    assert p.returncode == 0 and p.stdout == "after\n"
+    assert "input() is not available in kernelexec sandboxes; pass data as code or upload a file" in p.stderr
+    assert "----> 1 name = input('name? ')" in p.stderr and "ipykernel" not in p.stderr
+    f = tmp_path / "ask.py"
+    f.write_text("input()\n")
+    run = kx("run", str(f), image=kernel_image)
+    assert run.returncode == 1 and "input() is not available" in run.stderr
+
+
+@pytest.mark.parametrize("text", ['{"cells": 5}', "[]", "null", '"a string"', "3", '{"a": 1}',
+                                  '{"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": "x"}',
+                                  '{"nbformat": 4, "nbformat_minor": 5, "metadata": {}, "cells": [{"source": 5}]}',
+                                  "not json"])
+def test_json_that_is_not_a_notebook_is_a_clear_error(tmp_path, text):
+    f = tmp_path / "bad.ipynb"
+    f.write_text(text)
+    p = kx("run", str(f), image="kernelexec-no-such-image:0")  # refused before any sandbox is asked for
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith(f"kernelexec: {f} is ") and "notebook" in p.stderr
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("bad", ["missing-dir/out.ipynb", "."])
+def test_unwritable_output_is_refused_before_any_cell_runs(kernel_image, tmp_path, bad):
+    src = write_nb(tmp_path / "in.ipynb", "print('ran')")
+    out = tmp_path / bad
+    p = kx("run", str(src), "-o", str(out), image=kernel_image)
+    assert p.returncode == 2
+    assert p.stderr.startswith(f"kernelexec: cannot write {out}") and "nothing was run" in p.stderr
+    assert "cell 1/" not in p.stderr
+    script = tmp_path / "s.py"
+    script.write_text("print('ran')\n")
+    q = kx("run", str(script), "-o", str(out), image=kernel_image)
+    assert q.returncode == 2 and q.stdout == "" and "nothing was run" in q.stderr
+
+
+def test_a_host_notebook_gets_a_kernelspec_hint(kernel_image, tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "host.ipynb")
+    p = kx("run", str(tmp_path / "host.ipynb"), image=kernel_image)
+    assert p.returncode == 0, p.stderr
+    assert "host.ipynb names the kernel 'python3', not 'kernelexec'; its cells run in the sandbox kernel" in p.stderr
+    ours = kx("run", str(write_nb(tmp_path / "ours.ipynb", "1 + 1")), image=kernel_image)
+    assert ours.returncode == 0 and "names the kernel" not in ours.stderr
+
+
+def test_missing_image_advice_is_cli_advice(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("1\n")
+    env = kx("run", str(f), image=None, env={**ENV, "KERNELEXEC_IMAGE": "kernelexec-no-such-image:0"})
+    assert env.returncode == 2
+    assert env.stderr.startswith("kernelexec: the kernel image 'kernelexec-no-such-image:0' (from $KERNELEXEC_IMAGE)")
+    assert "unset KERNELEXEC_IMAGE" in env.stderr and "kernelexec image build" in env.stderr
+    assert "Policy(" not in env.stderr and env.stderr.count("\n") == 1
+    flag = kx("run", str(f), image="kernelexec-no-such-image:1")
+    assert flag.returncode == 2 and "(from --image)" in flag.stderr and "Policy(" not in flag.stderr
+
+
+def test_version_and_exit_statuses_in_help():
+    from kernelexec import __version__
+
+    p = kx("--version", image=None)
+    assert (p.returncode, p.stdout) == (0, f"kernelexec {__version__}\n")
+    helptext = kx("run", "--help", image=None).stdout
+    assert "124" in helptext and "sys.exit(N)" in helptext
+
+
+def test_run_dash_reads_code_from_stdin(kernel_image):
+    p = kx("run", "-", image=kernel_image, stdin="x = 6\nprint(x * 7)\n")
+    assert (p.returncode, p.stdout) == (0, "42\n"), p.stderr
+
+
+def test_kernelspec_install_and_uninstall(tmp_path):
+    env = {**ENV, "JUPYTER_DATA_DIR": str(tmp_path / "data")}
+    spec = tmp_path / "data" / "kernels" / "kernelexec"
+    assert kx("kernelspec", "install", image=None, env=env).returncode == 0
+    assert (spec / "kernel.json").is_file()
+    p = kx("kernelspec", "uninstall", image=None, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"removed kernelspec 'kernelexec' from {spec}\n" and not spec.exists()
+    again = kx("kernelspec", "uninstall", image=None, env=env)
+    assert again.returncode == 2 and "no 'kernelexec' kernelspec is installed for this user" in again.stderr
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": ["python"], "display_name": "someone else's"}))
+    theirs = kx("kernelspec", "uninstall", image=None, env=env)
+    assert theirs.returncode == 2 and "did not install" in theirs.stderr and (spec / "kernel.json").is_file()
