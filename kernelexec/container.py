@@ -290,6 +290,15 @@ class Sandbox:
         if self._destroyed:
             return
         self._destroyed = True
+        try:
+            await self._destroy()
+        except BaseException:
+            # a failed or cancelled cleanup (Ctrl-C in the middle of close) stays registered: atexit,
+            # the next start and gc retry it
+            self._destroyed, self.cleanup_failed = False, True
+            raise
+
+    async def _destroy(self) -> None:
         errors: list[BaseException] = []
         if self.owner is not None:
             self.owner.close()
@@ -310,7 +319,6 @@ class Sandbox:
             except OSError as e:
                 errors.append(e)
         if errors:
-            self._destroyed, self.cleanup_failed = False, True  # stays registered: retried later
             raise SandboxError(
                 f"cleaning up session {self.conn.session_id} failed ({errors[0]}); "
                 "run `kernelexec gc` to remove what is left"

@@ -226,11 +226,12 @@ def test_repl_ctrl_c_interrupts_the_code_and_keeps_state(kernel_image):
     with subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, env=ENV) as proc:
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("x = 5\nimport time\nprint('sleeping', flush=True); time.sleep(120)\n")
+        proc.stdin.write("x = 5\nimport time\nprint('sleeping', flush=True); [time.sleep(0.1) for _ in range(1200)]\n")
         proc.stdin.flush()
         assert proc.stdout.readline() == "sleeping\n"  # the code is running now
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate("print(x)\n", timeout=90)  # well under the 120 s sleep
+        # short sleeps: a SIGINT landing just before a blocking call is only seen when the call returns
+        out, err = proc.communicate("print(x)\n", timeout=90)  # well under the 120 s of sleeping
     assert proc.returncode == 0, err
     assert out == "5\n"
     assert "KeyboardInterrupt" in err and "Traceback" in err  # the kernel's own traceback, as IPython shows

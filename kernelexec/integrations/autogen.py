@@ -126,8 +126,8 @@ class KernelExecCodeExecutor(CodeExecutor, Component[KernelExecCodeExecutorConfi
     def _to_config(self) -> KernelExecCodeExecutorConfig:
         policy = {}
         if self._policy is not None:
-            defaults = Policy()
-            policy = {k: v for k, v in vars(self._policy).items() if v != getattr(defaults, k)}
+            # what the caller set: with a profile, the rest must keep coming from the profile
+            policy = {k: getattr(self._policy, k) for k in sorted(self._policy.explicit_fields())}
             policy = {k: (list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v)
                       for k, v in policy.items()}
         return KernelExecCodeExecutorConfig(timeout=self._timeout, output_dir=str(self._output_dir),
