@@ -3,12 +3,12 @@ run inside a kernelexec kernel (see tests/integrations/test_provisioner.py and t
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
 
 
 def orphans(docker) -> set[str]:
@@ -23,12 +23,22 @@ def orphans(docker) -> set[str]:
     return out
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-HOST_SIDE = [p for p in NOTEBOOKS if nbformat.read(p, as_version=4).metadata["kernelspec"]["name"] == "python3"]
+#: A notebook for a framework's previous major (metadata ``kernelexec_tests.venv: previous``) runs in
+#: .venv-previous (tests/integrations/test_previous_majors.py), the others in the current venv.
+VENV = "previous" if int(metadata.version("ag2").split(".")[0]) < 1 else "current"
+
+
+def _venv(nb: nbformat.NotebookNode) -> str:
+    return str(nb.metadata.get("kernelexec_tests", {}).get("venv", "current"))
+
+
+HOST_SIDE = [p for p in NOTEBOOKS if (nb := nbformat.read(p, as_version=4)).metadata["kernelspec"]["name"] == "python3"
+             and _venv(nb) == VENV]
 
 
 def test_there_are_demos():
     names = {p.stem for p in NOTEBOOKS}
-    assert {"quickstart", "data_analysis", "security_demo", "autogen_agent", "ag2_two_agents"} <= names
+    assert {"quickstart", "data_analysis", "security_demo", "autogen_agent", "ag2_two_agents", "ag2_agent"} <= names
 
 
 @pytest.mark.parametrize("path", HOST_SIDE, ids=[p.stem for p in HOST_SIDE])
@@ -43,6 +53,6 @@ def test_host_side_notebook_runs(path, docker, kernel_image, monkeypatch):
     text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     expected = {"data_analysis": "north", "security_demo": "oom-killed", "autogen_agent": "['lo']",
-                "ag2_two_agents": "[1, 1, 3, 4, 5]"}[path.stem]
+                "ag2_two_agents": "[1, 1, 3, 4, 5]", "ag2_agent": "['TextInput', 'BinaryInput']"}[path.stem]
     assert expected in text
     assert orphans(docker) <= before  # the notebook's kernel closed what it opened

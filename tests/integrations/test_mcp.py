@@ -1,68 +1,88 @@
-"""The MCP server end to end with the real MCP Python SDK client over stdio."""
+"""`kernelexec mcp` end to end with the real MCP Python SDK client, over stdio and streamable HTTP.
+
+This file runs twice: in .venv with the SDK 2.x client, and in .venv-previous with the 1.x client
+(tests/integrations/test_previous_majors.py). Each time the server is this venv's (stdio, HTTP) and
+the other major's (stdio): every pairing of client and server majors a user can meet.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import os
 import sys
 from pathlib import Path
 
-from mcp import ClientSession
-from mcp.client.stdio import StdioServerParameters, stdio_client
+from .mcp_scenario import (
+    CLIENT_MAJOR,
+    assert_quiet,
+    check_notebook,
+    exercise,
+    http_server,
+    http_session,
+    owned,
+    quiet_server_refuses_notebooks,
+    server_args,
+    server_mcp_major,
+    stdio_session,
+    text,
+)
 
-from ..conftest import leftovers
-
-ROOT = Path(__file__).resolve().parents[2]
-
-SERVER = """
-import sys
-from kernelexec import Policy
-from kernelexec.integrations.mcp import run
-run(policy=Policy(image=sys.argv[1]), notebook_dir=sys.argv[2])
-"""
+THIS = sys.executable
+NOTHING = ([], [], [])
 
 
-def test_mcp_server_end_to_end(docker, kernel_image, tmp_path):
-    before = leftovers(docker)
-    params = StdioServerParameters(command=sys.executable, args=["-c", SERVER, kernel_image, str(tmp_path)],
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+def test_this_venv_and_the_other_have_different_majors(other_major_python):
+    assert server_mcp_major(THIS) == CLIENT_MAJOR
+    assert {CLIENT_MAJOR, server_mcp_major(other_major_python)} == {1, 2}
 
-    async def main() -> None:
-        async with stdio_client(params) as (read, write), ClientSession(read, write) as client:
-            await client.initialize()
-            names = {t.name for t in (await client.list_tools()).tools}
-            assert names == {"create_session", "execute", "upload_file", "download_file", "list_sessions",
-                             "save_notebook", "close_session"}
-            created = await client.call_tool("create_session", {})
-            sid = json.loads(created.content[0].text)["session_id"]
-            csv = base64.b64encode(b"a,b\n1,2\n3,4\n").decode()
-            up = await client.call_tool("upload_file", {"session_id": sid, "path": "data.csv", "content_base64": csv})
-            assert up.content[0].text == "/work/data.csv"
-            r = await client.call_tool("execute", {"session_id": sid, "code":
-                                       "import pandas as pd, matplotlib.pyplot as plt\ndf = pd.read_csv('data.csv')\n"
-                                       "print(df.b.sum())\nplt.plot(df.a, df.b); plt.show()"})
-            assert r.content[0].type == "text" and r.content[0].text.strip() == "6"
-            assert r.content[1].type == "image" and base64.b64decode(r.content[1].data)[:4] == b"\x89PNG"
-            r = await client.call_tool("execute", {"session_id": sid, "code": "df.a.tolist()"})
-            assert "Out[2]: [1, 3]" in r.content[0].text
-            await client.call_tool("execute", {"session_id": sid, "code": "df.to_csv('out.csv', index=False)"})
-            down = await client.call_tool("download_file", {"session_id": sid, "path": "out.csv"})
-            assert base64.b64decode(json.loads(down.content[0].text)["content_base64"]) == b"a,b\n1,2\n3,4\n"
-            listed = await client.call_tool("list_sessions", {})
-            assert json.loads(listed.content[0].text)["session_id"] == sid
-            saved = await client.call_tool("save_notebook", {"session_id": sid, "name": "trail"})
-            assert saved.content[0].text == str(tmp_path / "trail.ipynb")
-            bad = await client.call_tool("save_notebook", {"session_id": sid, "name": "../escape"})
-            assert bad.isError
-            r = await client.call_tool("execute", {"session_id": "nope", "code": "1"})
-            assert r.isError and "no session" in r.content[0].text
-            await client.call_tool("create_session", {})  # left open: the server closes it on exit
-            closed = await client.call_tool("close_session", {"session_id": sid})
-            assert "closed" in closed.content[0].text
 
-    asyncio.run(main())
-    nb = json.loads((tmp_path / "trail.ipynb").read_text())
-    assert len(nb["cells"]) == 3
-    assert leftovers(docker) == before
+def stdio_run(docker, python: str, args: list[str], log_path: Path, notebook_dir: Path | None) -> None:
+    """The whole scenario over stdio; the server keeps a session open until the client goes, then removes it."""
+    with open(log_path, "w+") as log:
+        async def main() -> int:
+            async with stdio_session(python, args, log) as (client, server_pid):
+                if notebook_dir is None:
+                    await quiet_server_refuses_notebooks(client)
+                else:
+                    await exercise(client, notebook_dir)
+                assert len(owned(docker, server_pid())[0]) == 1  # one session still open
+                return server_pid()
+
+        pid = asyncio.run(main())
+        log.seek(0)
+        assert_quiet(log.read())
+    assert owned(docker, pid) == NOTHING  # closed by the server when its client went
+
+
+def test_stdio(docker, kernel_image, tmp_path):
+    stdio_run(docker, THIS, server_args(kernel_image, notebook_dir=tmp_path), tmp_path / "server.log", tmp_path)
+    check_notebook(tmp_path)
+
+
+def test_stdio_server_of_the_other_major(docker, kernel_image, tmp_path, other_major_python):
+    """2.x client, 1.x server: a user whose other packages pin mcp<2. 1.x client, 2.x server: an older client."""
+    stdio_run(docker, other_major_python, server_args(kernel_image, notebook_dir=tmp_path),
+              tmp_path / "server.log", tmp_path)
+    check_notebook(tmp_path)
+
+
+def test_quiet_server_without_notebook_dir(docker, kernel_image, tmp_path):
+    stdio_run(docker, THIS, server_args(kernel_image), tmp_path / "server.log", None)
+
+
+def test_http_two_clients(docker, kernel_image, tmp_path):
+    with http_server(THIS, kernel_image, tmp_path) as (url, pid, log):
+        async def main() -> None:
+            async with http_session(url) as other:
+                await other.initialize()
+                await other.call_tool("create_session", {})
+                async with http_session(url) as client:
+                    await exercise(client, tmp_path)
+                # the first client went: the other one's session stays (and the one the first left open)
+                assert len(owned(docker, pid)[0]) == 2
+                r = await other.call_tool("list_sessions", {})
+                assert len(r.content) == 2 and '"alive": true' in text(r)
+
+        asyncio.run(main())
+    check_notebook(tmp_path)
+    assert owned(docker, pid) == NOTHING  # SIGINT: the server closed every session on its way out
+    assert any("Uvicorn running on" in line for line in log)  # -v: the server's INFO log shows
