@@ -202,7 +202,8 @@ class Policy:
         explicit = self.__dict__.get("_explicit")
         if explicit is None:  # made without __init__ (unpickled from an old version): what differs
             d = Policy()
-            explicit = frozenset(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(d, f.name))
+            explicit = frozenset(f.name for f in dataclasses.fields(self)
+                                 if getattr(self, f.name) != getattr(d, f.name))
         return frozenset(explicit)
 
     def relaxations(self, base: Policy | None = None) -> list[str]:
