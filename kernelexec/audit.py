@@ -88,16 +88,19 @@ async def _daemon() -> list[Finding]:
     out: list[Finding] = []
     info = await api().call("GET", "/info", what="engine info")
     version = await api().version()
-    sock = Path(socket_path())
-    st = sock.stat()
-    if st.st_mode & stat.S_IWOTH:
-        out.append(Finding("high", "daemon", "docker socket permissions",
-                           f"{sock} is world-writable: any local user is root on this host",
-                           f"chmod o-rw {sock}"))
+    endpoint = api().endpoint
+    if endpoint.is_local:
+        out += _socket_permissions(Path(socket_path(endpoint)))
+    elif endpoint.scheme == "tcp" and not (endpoint.tls and endpoint.verify and endpoint.cert):
+        out.append(Finding("high", "daemon", "engine connection",
+                           f"the engine is reached at {endpoint.describe()}: without verified TLS and a client "
+                           "certificate, anyone on the path can read or drive it",
+                           "serve the engine with --tlsverify and connect with DOCKER_TLS_VERIFY=1 and client "
+                           "certificates (or a Docker context that has them)"))
     else:
-        out.append(Finding("info", "daemon", "docker socket permissions",
-                           f"{sock} mode {stat.filemode(st.st_mode)}, group gid {st.st_gid}: members of that "
-                           "group are root-equivalent on this host", "keep the group to administrators"))
+        out.append(Finding("info", "daemon", "engine connection",
+                           f"the engine is reached at {endpoint.describe()}; its host's socket permissions "
+                           "and dockerd flags are not visible from here", "audit that host too"))
     tcp = _dockerd_tcp_without_tls()
     if tcp:
         out.append(Finding("high", "daemon", "TCP without TLS", f"dockerd listens on {', '.join(tcp)} without "
@@ -131,6 +134,16 @@ async def _daemon() -> list[Finding]:
                        "install gVisor (runsc) for a user-space kernel boundary: Policy(runtime='runsc')"
                        if "runsc" not in runtimes else "none"))
     return out
+
+
+def _socket_permissions(sock: Path) -> list[Finding]:
+    st = sock.stat()
+    if st.st_mode & stat.S_IWOTH:
+        return [Finding("high", "daemon", "docker socket permissions",
+                        f"{sock} is world-writable: any local user is root on this host", f"chmod o-rw {sock}")]
+    return [Finding("info", "daemon", "docker socket permissions",
+                    f"{sock} mode {stat.filemode(st.st_mode)}, group gid {st.st_gid}: members of that "
+                    "group are root-equivalent on this host", "keep the group to administrators")]
 
 
 def _dockerd_tcp_without_tls() -> list[str]:

@@ -21,7 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Coroutine, Iterator, TypeVar
 
-from .dockerapi import DockerAPIError, api, close_stream, socket_path
+from .dockerapi import DockerAPIError, api, close_stream
+from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxLost, SandboxStartError
 from .policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, resolve_user, work_volume_options
 from .sockdir import CONNECTION_FILE, SOCKET_BASENAME, SocketDir, owner_pid_of, remove_path, socket_root
@@ -60,26 +61,48 @@ _client_lock = threading.Lock()
 _client: Any = None
 
 
-def docker_client() -> Any:
-    """A docker SDK client, for what the Engine API client does not cover (image builds, tests)."""
+def docker_client(endpoint: Endpoint | None = None) -> Any:
+    """A docker SDK client, for what the Engine API client does not cover (image builds, tests).
+
+    Configured from the same :class:`~kernelexec.engine.Endpoint` as the Engine API client (the docker
+    CLI's rules, contexts included), not from docker-py's own reading of the environment. The client of
+    this process's environment is shared; one for an explicit ``endpoint`` belongs to the caller (close it).
+    """
     global _client
+    if endpoint is not None:
+        return _sdk_client(endpoint)
     with _client_lock:
         if _client is None:
-            import docker
-
-            try:
-                socket_path()
-                c = docker.from_env(timeout=120)
-                c.ping()
-            except DockerUnavailable:
-                raise
-            except Exception as e:  # the SDK raises several unrelated types for "no engine"
-                raise DockerUnavailable(
-                    f"cannot reach the Docker engine ({e}). Start it (`dockerd &` or `systemctl start docker`), "
-                    "check DOCKER_HOST, and run `kernelexec doctor`"
-                ) from e
-            _client = c
+            _client = _sdk_client(default_endpoint())
         return _client
+
+
+def _sdk_client(ep: Endpoint) -> Any:
+    import docker
+    from docker.tls import TLSConfig
+
+    from .dockerapi import DockerAPI
+
+    # The API version comes from our own client (same endpoint, same errors): docker-py would ask in its
+    # constructor, before trust_env can be turned off below.
+    version = run_blocking(DockerAPI(ep).version())["ApiVersion"]
+    tls: Any = False
+    if ep.tls:
+        tls = TLSConfig(client_cert=(ep.cert, ep.key) if ep.cert and ep.key else None,
+                        ca_cert=ep.ca if ep.verify else None, verify=ep.verify)
+    c = docker.DockerClient(base_url=ep.url, tls=tls, timeout=120, version=str(version))
+    # requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE replace the engine's CA on every request, and would
+    # send engine calls through HTTP(S)_PROXY: neither is the engine's (nor does the Engine API client use them)
+    c.api.trust_env = False
+    try:
+        c.ping()
+    except Exception as e:  # the SDK raises several unrelated types for "no engine"
+        c.close()
+        raise DockerUnavailable(
+            f"cannot reach the Docker engine at {ep.describe()} ({e}). Start it (`dockerd &` or "
+            "`systemctl start docker`), check DOCKER_HOST or the Docker context, and run `kernelexec doctor`"
+        ) from e
+    return c
 
 
 def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
@@ -197,6 +220,14 @@ class Sandbox:
 
     async def create(self) -> None:
         """Socket directory, connection file, volume and (not yet started) container."""
+        endpoint = api().endpoint
+        if not endpoint.is_local:
+            raise DockerUnavailable(
+                f"the Docker engine is at {endpoint.describe()}, not on this host: this sandbox bind-mounts "
+                "its kernel's sockets from this host (the ipc transport), which needs a local engine. Use a "
+                "local engine (unset DOCKER_HOST / `docker context use default`) until the attach transport "
+                "carries sessions to remote engines"
+            )
         _register(self)
         self.sockdir = SocketDir(self.uid, self.gid)
         self.sockdir.write_connection_file(self.conn.file_contents())

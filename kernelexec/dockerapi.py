@@ -1,21 +1,23 @@
-"""A small asyncio client for the Docker Engine API over its unix socket.
+"""A small asyncio client for the Docker Engine API, over a unix socket or TCP (with TLS).
 
 Why not the docker SDK on the session path: it blocks, so every call needs a
-worker thread, and used that way it leaves a unix connection open per
+worker thread, and used that way it leaves a connection open per
 create/remove call (measured: five fds per session). This client opens one
 connection per request (``Connection: close``), bounds every response, can be
-cancelled at any await, and needs no thread. kernelexec only supports a local
-engine anyway: the kernel's sockets are bind-mounted from this host.
+cancelled at any await, and needs no thread. Which engine, and how to reach it,
+is :mod:`kernelexec.engine`'s concern (the docker CLI's rules); what needs the
+engine on this host (bind-mounted sockets) asks ``Endpoint.is_local``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
+import ssl
 from typing import Any
-from urllib.parse import quote, urlencode, urlparse
+from urllib.parse import quote, urlencode
 
+from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, SandboxError
 
 __all__ = ["DockerAPI", "DockerAPIError", "api", "close_stream", "socket_path"]
@@ -23,6 +25,7 @@ __all__ = ["DockerAPI", "DockerAPIError", "api", "close_stream", "socket_path"]
 MIN_API = (1, 41)  # Docker 20.10: CgroupnsMode, Init, Mounts, tmpfs volumes
 MAX_BODY = 16 << 20
 _HEADER_LIMIT = 64 << 10
+CONNECT_TIMEOUT = 20.0  # TCP connect and TLS handshake; an unreachable host must not hang a call for minutes
 
 
 class DockerAPIError(SandboxError):
@@ -34,32 +37,56 @@ class DockerAPIError(SandboxError):
         super().__init__(f"{what}: Docker answered {status}: {message}")
 
 
-def socket_path() -> str:
-    """The engine's unix socket, from DOCKER_HOST or the default."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    url = urlparse(host)
-    if url.scheme != "unix":
+def socket_path(endpoint: Endpoint | None = None) -> str:
+    """The engine's unix socket on this host; an error that says why for an engine elsewhere."""
+    ep = endpoint or default_endpoint()
+    if not ep.is_local:
         raise DockerUnavailable(
-            f"DOCKER_HOST={host!r} is not a local unix socket; kernelexec bind-mounts unix sockets into "
-            "the container, which only works with an engine on this host"
+            f"the Docker engine is at {ep.describe()}, not a unix socket on this host; this needs a local "
+            "engine (the ipc transport bind-mounts unix sockets into the container)"
         )
-    return url.path
+    return ep.address
 
 
 class DockerAPI:
     """Engine API calls used by sessions, pools and gc. Safe to share across event loops."""
 
-    def __init__(self, path: str | None = None) -> None:
-        self.path = path or socket_path()
+    def __init__(self, endpoint: Endpoint | str | None = None) -> None:
+        """``endpoint``: an :class:`Endpoint`, a unix socket path, or ``None`` for this process's environment."""
+        if isinstance(endpoint, str):
+            endpoint = Endpoint("unix", endpoint, source="argument")
+        self.endpoint = endpoint or default_endpoint()
+        self.endpoint.require_supported()
+        self._ssl = self.endpoint.ssl_context()
         self._version: str | None = None
 
+    @property
+    def path(self) -> str:
+        """The unix socket (local engines only; see :func:`socket_path`)."""
+        return socket_path(self.endpoint)
+
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ep = self.endpoint
         try:
-            return await asyncio.open_unix_connection(self.path, limit=_HEADER_LIMIT)
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as e:
+            if ep.scheme == "unix":
+                return await asyncio.open_unix_connection(ep.address, limit=_HEADER_LIMIT)
+            return await asyncio.wait_for(
+                asyncio.open_connection(ep.host, ep.port, limit=_HEADER_LIMIT, ssl=self._ssl,
+                                        server_hostname=ep.host if self._ssl else None),
+                CONNECT_TIMEOUT)
+        except ssl.SSLCertVerificationError as e:
             raise DockerUnavailable(
-                f"cannot reach the Docker engine at {self.path} ({e.strerror or e}). Start it "
-                "(`dockerd &` or `systemctl start docker`), check DOCKER_HOST, and run `kernelexec doctor`"
+                f"the Docker engine at {ep.describe()} is not the one its certificate should prove: "
+                f"{e.verify_message or e}. Check the CA (ca.pem) and that the host name matches the "
+                "server certificate") from e
+        except ssl.SSLError as e:
+            raise DockerUnavailable(f"TLS with the Docker engine at {ep.describe()} failed: {e}") from e
+        except (asyncio.TimeoutError, OSError) as e:
+            why = "no answer" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
+            raise DockerUnavailable(
+                f"cannot reach the Docker engine at {ep.describe()} ({why}). Start it "
+                "(`dockerd &` or `systemctl start docker`), check DOCKER_HOST or the Docker context, "
+                "and run `kernelexec doctor`"
             ) from e
 
     async def _send(self, method: str, path: str, params: dict[str, Any] | None, body: bytes | None,
@@ -69,7 +96,8 @@ class DockerAPI:
             await self.version()
         prefix = f"/v{self._version}" if self._version and path != "/version" else ""
         url = prefix + path + (("?" + urlencode(params)) if params else "")
-        head = [f"{method} {url} HTTP/1.1", "Host: docker"]
+        host = self.endpoint.address if self.endpoint.scheme == "tcp" else "docker"
+        head = [f"{method} {url} HTTP/1.1", f"Host: {host}"]
         if upgrade:
             head += ["Upgrade: tcp", "Connection: Upgrade"]
         else:
@@ -96,6 +124,12 @@ class DockerAPI:
                 k, _, v = line.decode("latin-1").partition(":")
                 headers[k.strip().lower()] = v.strip()
             return int(parts[1]), headers, reader, writer
+        except (ssl.SSLError, ConnectionError) as e:
+            await close_stream(writer)
+            hint = (" A TLS engine that wants a client certificate closes the connection like this: check "
+                    "cert.pem and key.pem") if self._ssl else ""
+            raise DockerUnavailable(f"the Docker engine at {self.endpoint.describe()} broke off the request "
+                                    f"{method} {path} ({e}).{hint}") from e
         except BaseException:
             await close_stream(writer)
             raise
@@ -133,6 +167,10 @@ class DockerAPI:
             payload = await self._read_body(headers, reader, limit)
         finally:
             await close_stream(writer)
+        if status == 400 and not self._ssl and b"HTTP request to an HTTPS server" in payload:
+            raise DockerUnavailable(f"the Docker engine at {self.endpoint.describe()} speaks TLS only: set "
+                                    "DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH (or use a Docker context with "
+                                    "its certificates)")
         if status >= 400:
             try:
                 message = json.loads(payload).get("message", "")
@@ -222,11 +260,14 @@ class DockerAPI:
                                            what=f"download {path}", limit=limit)
         return payload
 
-    async def attach(self, cid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """stdout/stderr of a container as a raw multiplexed stream."""
+    async def attach(self, cid: str, *, stdin: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """stdout/stderr of a container as a raw multiplexed stream; with ``stdin``, what is written goes to
+        the container's stdin (it must have been created with ``OpenStdin``)."""
+        params = {"stream": "1", "stdout": "1", "stderr": "1"}
+        if stdin:
+            params["stdin"] = "1"
         status, _, reader, writer = await self._send(
-            "POST", f"/containers/{cid}/attach", {"stream": "1", "stdout": "1", "stderr": "1"}, None, "",
-            upgrade=True)
+            "POST", f"/containers/{cid}/attach", params, None, "", upgrade=True)
         if status not in (101, 200):
             await close_stream(writer)
             raise SandboxError(f"Docker refused to attach to the sandbox (HTTP {status})")
@@ -238,15 +279,15 @@ async def close_stream(writer: asyncio.StreamWriter) -> None:
     writer.close()
     try:
         await writer.wait_closed()
-    except ConnectionError:
-        pass  # the engine reset a connection we were done with: nothing was lost
+    except (ConnectionError, ssl.SSLError):
+        pass  # the engine reset (or ended TLS on) a connection we were done with: nothing was lost
 
 
 _api: DockerAPI | None = None
 
 
 def api() -> DockerAPI:
-    """The process-wide client (it holds no connection, only the socket path and API version)."""
+    """The process-wide client (it holds no connection, only the endpoint and API version)."""
     global _api
     if _api is None:
         _api = DockerAPI()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything kernelexec needs on a fresh Debian/Ubuntu machine, idempotently:
 #   1. a running Docker engine (installs Debian's docker.io and starts dockerd when none answers),
-#   2. a virtualenv in .venv with kernelexec and its test extras,
-#   3. the kernel image (offline path when no registry is reachable).
+#   2. gVisor (Debian's runsc) registered with the engine as runtime "runsc",
+#   3. a virtualenv in .venv with kernelexec and its test extras,
+#   4. the kernel image (offline path when no registry is reachable).
 # Each step is skipped when already done. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,39 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 engine_up() { timeout 10 docker info >/dev/null 2>&1; }
+
+# gVisor: Debian's runsc, registered with the engine as runtime "runsc". It needs --network=none here
+# (runsc refuses to run with network enabled in the root network namespace), which also suits kernelexec:
+# its sandboxes have no network. Merged into an existing daemon.json; prints "changed" when it wrote.
+DAEMON_JSON=/etc/docker/daemon.json
+register_runsc() {
+  $SUDO python3 - "$DAEMON_JSON" "$(command -v runsc)" <<'PY'
+import json, os, sys
+path, runsc = sys.argv[1], sys.argv[2]
+try:
+    with open(path) as f:
+        config = json.load(f)
+except FileNotFoundError:
+    config = {}
+want = {"path": runsc, "runtimeArgs": ["--network=none"]}
+if config.get("runtimes", {}).get("runsc") != want:
+    config.setdefault("runtimes", {})["runsc"] = want
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+    print("changed")
+PY
+}
+runsc_registered() { timeout 10 docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; }
+
+if ! command -v runsc >/dev/null 2>&1; then
+  log "installing gVisor (Debian's runsc)"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q runsc >/dev/null
+fi
+runsc_changed="$(register_runsc)"
 
 if ! engine_up; then
   if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
@@ -27,6 +61,16 @@ if ! engine_up; then
   fi
 fi
 command -v debootstrap >/dev/null 2>&1 || $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap >/dev/null
+if [ -n "$runsc_changed" ] || ! runsc_registered; then
+  # A running engine rereads daemon.json on SIGHUP (runtimes are reloadable): never restart it, sessions
+  # may be running on it. The pid is the engine's own pidfile.
+  [ -r /var/run/docker.pid ] || { log "runsc is in $DAEMON_JSON but the engine has no pidfile to signal: reload it"; exit 1; }
+  log "registering runsc with the running engine (SIGHUP to dockerd, pid $(cat /var/run/docker.pid))"
+  $SUDO kill -HUP "$(cat /var/run/docker.pid)"
+  for _ in $(seq 1 20); do runsc_registered && break; sleep 0.5; done
+  runsc_registered || { log "the engine did not pick up runtime runsc from $DAEMON_JSON; see its log"; exit 1; }
+fi
+log "gVisor: runtime runsc registered ($(runsc --version | head -1))"
 log "Docker engine: $(docker version --format '{{.Server.Version}}' 2>/dev/null)"
 
 if [ ! -x .venv/bin/python ]; then

@@ -297,7 +297,9 @@ def test_gc_text_output(kernel_image):
 def test_doctor_passes(kernel_image):
     p = kx("doctor", image=kernel_image)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "FAIL" not in p.stdout and "SKIP" not in p.stdout and p.stdout.count("PASS") == 5
+    assert "FAIL" not in p.stdout and "SKIP" not in p.stdout and p.stdout.count("PASS") == 6
+    # scripts/setup.sh registers gVisor; doctor says so, with the platform runsc runs on
+    assert re.search(r"PASS  gVisor runtime \(runsc\): registered: \S*runsc --network=none; platform \w+", p.stdout)
     assert re.search(r"PASS  Docker engine reachable: Docker \S+", p.stdout)
     assert f"PASS  kernel image present: {kernel_image}" in p.stdout
 
