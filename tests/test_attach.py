@@ -330,6 +330,25 @@ def test_bytes_injected_from_inside_never_hang_the_host(kernel_image: str, runti
     run(go())
 
 
+def test_a_kernel_over_its_message_bound_closes_the_channels_for_good(kernel_image: str) -> None:
+    """A message part over max_message_bytes, sent by code on the kernel's own IOPub socket
+    (bypassing the kernel's cutting): the relay refuses it, the host hears why, and refuses to
+    resume with that kernel."""
+
+    async def go() -> None:
+        async with attached(Policy(image=kernel_image, max_message_bytes="1m")) as (sb, k):
+            code = ("t = get_ipython().kernel.iopub_thread\n"
+                    "with t.lock:\n"
+                    "    t.socket.send_multipart([b'x', b'<IDS|MSG>', b'y' * (2 << 20)])\n")
+            with pytest.raises(ChannelsClosed, match="broke the protocol's bounds"):
+                await asyncio.wait_for(k.execute(code + "import time\ntime.sleep(30)"), HANG)
+            await k.stop()
+            with pytest.raises(ChannelsClosed, match="broke the protocol's bounds"):
+                await sb.reattach(timeout=HANG)
+
+    run(go())
+
+
 def test_garbage_from_the_host_is_a_typed_error_and_reattach_resumes(kernel_image: str) -> None:
     async def go() -> None:
         async with attached(Policy(image=kernel_image)) as (sb, k):

@@ -148,6 +148,7 @@ class AttachChannels(Channels):
         self._error: ChannelsClosed | None = None
         self._closed = False
         self._exited: ChannelsClosed | None = None  # the relay reported the kernel's exit
+        self._violated: ChannelsClosed | None = None  # the kernel broke a bound: not to be resumed
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._hello.add_done_callback(_observe)
         self._resync: tuple[str, asyncio.Future[int], int] | None = None  # nonce, answer, seq due
@@ -227,12 +228,14 @@ class AttachChannels(Channels):
 
         What the relay sent while nobody was attached is gone (the engine drops it): the result
         says how many frames, and the caller reports its requests in flight as lost. Raises
-        :class:`ChannelsClosed` when the kernel has exited or the relay does not answer.
+        :class:`ChannelsClosed` when the kernel has exited or broke the protocol's bounds (a kernel
+        not to be trusted again), or when the relay does not answer.
         """
         if self._closed:
             raise ChannelsClosed("the channels were closed by this host")
-        if self._exited is not None:
-            raise _again(self._exited)
+        final = self._exited or self._violated
+        if final is not None:
+            raise _again(final)
         await self._stop_tasks()
         old, self._reader, self._writer = self._writer, reader, writer
         await close_stream(old)
@@ -394,7 +397,8 @@ class AttachChannels(Channels):
             self._fail(self._exited)
             return
         if kind == "violation":
-            self._fail(ChannelsClosed(f"the kernel broke the protocol's bounds: {str(msg.get('reason'))[:500]}"))
+            self._violated = ChannelsClosed(f"the kernel broke the protocol's bounds: {str(msg.get('reason'))[:500]}")
+            self._fail(self._violated)
             return
         if kind == "desync":
             self._fail(ChannelsClosed("the relay could not decode what this host sent "
