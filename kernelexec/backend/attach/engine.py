@@ -1,0 +1,179 @@
+"""The Engine API side of the attach transport: the create body, the attach call, the hello.
+
+The container is the policy's container (:func:`kernelexec.policy.container_config`) with the
+host's socket directory taken out: nothing of the host is mounted, the relay is pid 1 (no
+docker-init), stdin stays open across attaches, and the relay's private directory is a tmpfs
+at the path the kernel's files have always had (``/run/kernelexec``; ``kernel_side`` filters
+tracebacks by it). :class:`AttachSandbox` is the lifecycle the backend seam will wrap; the
+session does not use it yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from ...container import (
+    LABEL, LABEL_CREATED, LABEL_HOST, LABEL_PID, LABEL_POLICY, LABEL_START, LABEL_VOLUME, LAUNCH_FILE, PORTS,
+    STARTUP_FILE, ConnectionInfo, kernel_launch_source, kernel_startup_source, process_start_ticks,
+)
+from ...dockerapi import DockerAPI, DockerAPIError, close_stream
+from ...errors import SandboxError
+from ...policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, parse_size, work_volume_options
+from ...sockdir import CONNECTION_FILE
+from .channels import AttachChannels
+from .framing import Limits, encode_boot
+from .relay import BOOTSTRAP
+
+__all__ = ["AttachSandbox", "LABEL_TRANSPORT", "RELAY_DIR", "attach", "boot_message", "bootstrap_command",
+           "create_body", "kernel_argv", "limits_for"]
+
+#: The relay's private directory (a tmpfs): the kernel's files and its ipc sockets.
+RELAY_DIR = SOCKET_MOUNT
+LABEL_TRANSPORT = "kernelexec.transport"
+#: Env the ipc transport's orphan watchdog reads; the relay watches for orphans on this transport.
+_IPC_ONLY_ENV = ("KERNELEXEC_OWNER_SOCKET=", "KERNELEXEC_ORPHAN_TIMEOUT=")
+
+
+def bootstrap_command() -> list[str]:
+    # -I: no PYTHON* variables, no user site, no working directory on sys.path
+    return [KERNEL_PYTHON, "-I", "-c", BOOTSTRAP]
+
+
+def kernel_argv(policy: Policy) -> list[str]:
+    """The kernel's command line, as the ipc transport's ``Sandbox.command()`` builds it."""
+    main = [f"{RELAY_DIR}/{LAUNCH_FILE}"] if policy.fast_kernel else ["-m", "ipykernel_launcher"]
+    return [KERNEL_PYTHON, *main, "-f", f"{RELAY_DIR}/{CONNECTION_FILE}", "--HistoryManager.hist_file=:memory:",
+            "--IPKernelApp.quiet=True", f"--IPKernelApp.exec_files={RELAY_DIR}/{STARTUP_FILE}"]
+
+
+def create_body(policy: Policy, *, image: str, uid: int, gid: int, work_volume: str,
+                labels: Mapping[str, str]) -> dict[str, Any]:
+    """``POST /containers/create`` for the attach transport: the policy's body, host mounts removed."""
+    if policy.workspace:
+        raise SandboxError("Policy.workspace bind-mounts a host directory, and the attach transport mounts "
+                           "nothing of the host (the engine may be on another machine); upload() the files instead")
+    body = container_config(policy, image=image, command=bootstrap_command(), uid=uid, gid=gid,
+                            socket_dir="/nonexistent", work_volume=work_volume, labels=labels)
+    host = body["HostConfig"]
+    host["Mounts"] = [m for m in host["Mounts"] if m["Type"] != "bind"]
+    host["Init"] = False  # the relay is pid 1: it reaps, forwards signals, and is non-dumpable
+    host["Tmpfs"] = {**host["Tmpfs"], RELAY_DIR: f"rw,noexec,nosuid,nodev,size=4m,uid={uid},gid={gid},mode=0700"}
+    body["Env"] = [e for e in body["Env"] if not e.startswith(_IPC_ONLY_ENV)]
+    body.update(AttachStdin=True, AttachStdout=True, AttachStderr=True, OpenStdin=True, StdinOnce=False, Tty=False)
+    return body
+
+
+def limits_for(policy: Policy) -> Limits:
+    return Limits(max_frame_bytes=parse_size(policy.max_message_bytes))
+
+
+@functools.lru_cache(maxsize=None)
+def _source(name: str) -> str:
+    return (Path(__file__).parent / name).read_text()
+
+
+def boot_message(policy: Policy, key: bytes, session_id: str) -> bytes:
+    """The bootstrap hello: the relay, the framing, and what the kernel needs (key included).
+
+    It travels only over the attach connection and lives in the container's tmpfs."""
+    conn = ConnectionInfo(key=key, session_id=session_id).file_contents()
+    files = {CONNECTION_FILE: json.dumps(conn), STARTUP_FILE: kernel_startup_source().decode()}
+    if policy.fast_kernel:
+        files[LAUNCH_FILE] = kernel_launch_source().decode()
+    config = {
+        "dir": RELAY_DIR, "ip": conn["ip"], "ports": {name: port for name, port in PORTS.items()},
+        "files": files, "argv": kernel_argv(policy), "limits": limits_for(policy).to_dict(),
+        "orphan_timeout": policy.orphan_timeout,
+    }
+    return encode_boot({"relay": _source("relay.py"), "framing": _source("framing.py"), "config": config})
+
+
+async def attach(api: DockerAPI, cid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The container's stdin, stdout and stderr as one upgraded connection."""
+    status, _, reader, writer = await api._send(
+        "POST", f"/containers/{cid}/attach", {"stream": "1", "stdin": "1", "stdout": "1", "stderr": "1"}, None, "",
+        upgrade=True)
+    if status not in (101, 200):
+        await close_stream(writer)
+        raise SandboxError(f"Docker refused to attach to the sandbox's stdin and stdout (HTTP {status})")
+    return reader, writer
+
+
+def keepalive_interval(policy: Policy) -> float:
+    """Often enough that a few lost or late keepalives never look like a dead host."""
+    return min(policy.orphan_timeout / 4, 5.0)
+
+
+class AttachSandbox:
+    """One container on the attach transport: create, start (relay up), re-attach, destroy.
+
+    The lifecycle the backend seam will own; here so the transport can be proven end to end.
+    """
+
+    def __init__(self, policy: Policy, image: str, key: bytes, session_id: str, *, uid: int = 10001,
+                 gid: int = 10001, api: DockerAPI | None = None) -> None:
+        self.policy, self.image, self.key, self.session_id = policy, image, key, session_id
+        self.uid, self.gid = uid, gid
+        self.api = api or DockerAPI()
+        self.container_id: str | None = None
+        self.volume: str | None = None
+        self.channels: AttachChannels | None = None
+
+    @property
+    def name(self) -> str:
+        return f"kernelexec-{self.session_id}"
+
+    def labels(self) -> dict[str, str]:
+        pid = os.getpid()
+        return {**self.policy.labels, LABEL: self.session_id, LABEL_PID: str(pid),
+                LABEL_START: process_start_ticks(pid) or "", LABEL_HOST: socket.gethostname(),
+                LABEL_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"), LABEL_VOLUME: self.name,
+                LABEL_POLICY: self.policy.to_json(), LABEL_TRANSPORT: "attach"}
+
+    async def create(self) -> None:
+        labels = self.labels()
+        self.volume = await self.api.create_volume(
+            self.name, work_volume_options(self.policy, self.uid, self.gid),
+            {k: labels[k] for k in (LABEL, LABEL_PID, LABEL_START, LABEL_HOST)})
+        body = create_body(self.policy, image=self.image, uid=self.uid, gid=self.gid, work_volume=self.volume,
+                           labels=labels)
+        self.container_id = await self.api.create_container(self.name, body)
+
+    async def start(self, timeout: float | None = None) -> AttachChannels:
+        """Attach, start, bootstrap the relay; returns once the relay has started the kernel."""
+        assert self.container_id is not None
+        reader, writer = await attach(self.api, self.container_id)
+        try:
+            await self.api.start(self.container_id)
+        except BaseException:
+            await close_stream(writer)
+            raise
+        self.channels = await AttachChannels.open(
+            reader, writer, boot_message(self.policy, self.key, self.session_id), limits_for(self.policy),
+            keepalive=keepalive_interval(self.policy), dead_after=self.policy.orphan_timeout,
+            timeout=timeout or self.policy.start_timeout)
+        return self.channels
+
+    async def reattach(self, timeout: float = 10.0) -> Any:
+        assert self.container_id is not None and self.channels is not None
+        reader, writer = await attach(self.api, self.container_id)
+        return await self.channels.reattach(reader, writer, timeout=timeout)
+
+    async def destroy(self) -> None:
+        if self.channels is not None:
+            await self.channels.close()
+        for what, remove in ((self.container_id, self.api.remove_container), (self.volume, self.api.remove_volume)):
+            if what is None:
+                continue
+            try:
+                await remove(what)
+            except DockerAPIError as e:
+                if e.status != 404:
+                    raise

@@ -1,0 +1,432 @@
+"""The relay: pid 1 of a sandbox whose channels travel over the container's attach stream.
+
+It is never imported in the container: the container's command is ``python -I -c BOOTSTRAP``,
+which reads the host's hello from stdin (this file's source, :mod:`.framing`'s and the
+configuration) and runs it. Nothing of the host is mounted and the image needs no change. The
+bootstrap emits nothing before the hello, so an engine that can only attach after start loses
+nothing.
+
+What the relay does, in one thread around one ``zmq.Poller``:
+
+* makes itself non-dumpable first, so that code in the container (same uid) cannot open
+  ``/proc/1/fd/*`` to write into the stream, nor ptrace it; as pid 1 it receives no signal
+  from inside the container that it has no handler for (``kill -9 1`` does nothing);
+* writes the kernel's files (connection file, ``launch.py``, ``startup.py``) into its private
+  tmpfs directory, and starts the kernel in its own session (ipykernel interrupts its whole
+  process group) with stdin on ``/dev/null`` and stdout/stderr on pipes: ipykernel copies
+  fd-level output back to its original fd 1, which must not be the stream;
+* connects to the kernel's ipc sockets once they exist (inotify, no polling) and forwards
+  messages both ways, framed (:mod:`.framing`); kernel output waits in a bounded queue, beyond
+  which the relay stops reading the kernel (backpressure down to the kernel's IOPub);
+* forwards the kernel's own stdout/stderr on the bounded ``log`` channel;
+* reaps every zombie and forwards SIGTERM/SIGINT to the kernel, as pid 1 must;
+* ends the sandbox when the host's bytes stop for ``orphan_timeout`` (the host echoes a
+  keepalive well within it), and when the kernel exits, after reporting its status.
+
+Every write handles short writes (gVisor writes 4,096 of 34,464 bytes at times): stdout is
+non-blocking and whatever is left waits for POLLOUT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["BOOTSTRAP", "OUT_HWM", "main"]
+
+#: Kernel output the relay holds before it stops reading the kernel.
+OUT_HWM = 1 << 20
+#: The kernel's own stdout/stderr forwarded on the log channel: a burst, then a rate.
+LOG_BURST = 256 << 10
+LOG_RATE = 64 << 10
+#: The last bytes the kernel wrote to its stderr, sent with its exit status.
+TAIL = 4096
+#: After a socket to the kernel disconnects, how long a kernel exit may take to explain it.
+DISCONNECT_GRACE = 1.0
+#: How long a last report (exit) may wait for the stream to drain.
+LAST_WORDS = 10.0
+
+# Runs as `python -I -c BOOTSTRAP`: reads b"KXB1", a 4-byte length and that many bytes of JSON from
+# fd 0 (raw reads: nothing after the hello is consumed), then runs the relay's source from it.
+BOOTSTRAP = """\
+import os,sys,json
+def rd(n):
+    b=b''
+    while len(b)<n:
+        c=os.read(0,n-len(b))
+        if not c:sys.exit('kernelexec relay: the stream closed before the hello')
+        b+=c
+    return b
+h=rd(8)
+if h[:4]!=b'KXB1':sys.exit('kernelexec relay: the hello does not start with KXB1')
+n=int.from_bytes(h[4:],'big')
+if n>%d:sys.exit('kernelexec relay: the hello is too large')
+m=json.loads(rd(n))
+exec(compile(m['relay'],'<kernelexec relay>','exec'),{'__name__':'kernelexec_relay','BOOT':m})
+""" % (8 << 20)
+
+
+def main(boot: dict[str, Any]) -> None:
+    import ctypes
+    import os
+    import signal
+    import sys
+    import time
+    import types
+    from collections import deque
+
+    def say(text: str) -> None:
+        """To the container's stderr: read by the host only when the stream itself failed."""
+        try:
+            os.write(2, f"kernelexec relay: {text}\n".encode())
+        except OSError:
+            pass
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0
+        say(f"cannot make the relay non-dumpable (errno {ctypes.get_errno()}); refusing to run")
+        os._exit(70)
+
+    framing = types.ModuleType("kernelexec_attach_framing")
+    sys.modules[framing.__name__] = framing
+    exec(compile(boot["framing"], "<kernelexec framing>", "exec"), framing.__dict__)
+    cfg = boot["config"]
+    limits = framing.Limits.from_dict(cfg["limits"])
+    orphan_timeout = float(cfg["orphan_timeout"])
+    directory = cfg["dir"]
+
+    # -- the kernel's files and the kernel ---------------------------------------------
+    os.umask(0o077)
+    for name, text in cfg["files"].items():
+        fd = os.open(os.path.join(directory, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
+        try:
+            left = memoryview(text.encode())
+            while left:
+                left = left[os.write(fd, left):]
+        finally:
+            os.close(fd)
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    for handled in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(handled, lambda *_: None)  # the byte on wake_w is the work; see the loop
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    argv = list(cfg["argv"])
+    kernel = os.posix_spawn(
+        argv[0], argv, dict(os.environ),
+        file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                      (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
+        setsid=True, setsigmask=(),
+    )
+    os.close(out_w)
+    os.close(err_w)
+    for fd in (out_r, err_r):
+        os.set_blocking(fd, False)
+
+    import zmq
+
+    # -- output to the host: one queue, written without blocking -------------------------
+    os.set_blocking(1, False)
+    try:
+        import fcntl
+
+        fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer wake-ups for large messages
+    except (OSError, ImportError):
+        pass  # not a pipe, or the engine's limit: the default works, in more writes
+    out: deque[Any] = deque()
+    state = {"seq": 0, "queued": 0}
+
+    def emit(chunks: list[bytes]) -> None:
+        out.extend(chunks)
+        state["queued"] += sum(len(c) for c in chunks)
+        state["seq"] = (state["seq"] + 1) & 0xFFFFFFFF
+
+    def link(message: dict[str, Any]) -> None:
+        emit(framing.encode_link(state["seq"], message, limits))
+
+    def flush() -> bool:
+        """Write what fits now; True when nothing is left."""
+        while out:
+            batch = [out[i] for i in range(min(len(out), 64))]
+            try:
+                n = os.writev(1, batch)
+            except BlockingIOError:
+                return False
+            except BrokenPipeError:
+                end(0, "the engine closed the container's stdout")
+            state["queued"] -= n
+            while n:
+                head = out[0]
+                if n >= len(head):
+                    out.popleft()
+                    n -= len(head)
+                else:
+                    out[0] = memoryview(head)[n:]
+                    n = 0
+        return True
+
+    import select
+
+    def drain_for(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        p = select.poll()
+        p.register(1, select.POLLOUT)
+        while not flush():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            p.poll(left * 1000)
+
+    tail = bytearray()
+    log_budget = {"tokens": float(LOG_BURST), "at": time.monotonic(), "dropped": 0}
+    piece = limits.max_log_bytes - 64
+
+    def kernel_output(source: bytes, data: bytes) -> None:
+        if source == b"stderr":  # a crash's traceback; stdout holds ipykernel's banner
+            tail.extend(data)
+            del tail[:-TAIL]
+        now = time.monotonic()
+        b = log_budget
+        b["tokens"] = min(float(LOG_BURST), b["tokens"] + (now - b["at"]) * LOG_RATE)
+        b["at"] = now
+        if b["dropped"] and b["tokens"] >= 128:
+            note = f"{b['dropped']} bytes of the kernel's own output were not forwarded (rate limit)".encode()
+            emit(framing.encode_log(state["seq"], b"relay", note, limits))
+            b["tokens"] -= len(note)
+            b["dropped"] = 0
+        keep = data[:max(int(b["tokens"]), 0)]
+        b["dropped"] += len(data) - len(keep)
+        b["tokens"] -= len(keep)
+        for i in range(0, len(keep), piece):
+            emit(framing.encode_log(state["seq"], source, keep[i:i + piece], limits))
+
+    def kill_kernel() -> None:
+        try:
+            os.killpg(kernel, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def end(code: int, why: str) -> None:
+        say(why)
+        kill_kernel()
+        os._exit(code)
+
+    # -- the kernel's sockets -------------------------------------------------------------
+    ctx = zmq.Context(io_threads=1)
+    sockets: dict[int, Any] = {}
+    names = {framing.SHELL: "shell", framing.CONTROL: "control", framing.STDIN: "stdin", framing.IOPUB: "iopub"}
+    monitors: dict[Any, str] = {}
+    for channel, name in names.items():
+        s = ctx.socket(zmq.SUB if channel == framing.IOPUB else zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 10)
+        s.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes)
+        s.setsockopt(zmq.RCVHWM, 16)
+        if channel == framing.IOPUB:
+            s.setsockopt(zmq.SUBSCRIBE, b"")
+        else:
+            s.setsockopt(zmq.IDENTITY, f"kernelexec-relay-{name}".encode())
+            s.setsockopt(zmq.SNDHWM, 0)  # the host bounds what it sends; never block the loop on it
+        sockets[channel] = s
+        monitors[s.get_monitor_socket(zmq.EVENT_DISCONNECTED)] = name
+    endpoints = {channel: f"{cfg['ip']}-{cfg['ports'][names[channel]]}" for channel in sockets}
+    held: list[tuple[int, list[bytes]]] = []  # host messages before the kernel's sockets exist
+    connected = False
+
+    ino = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if ino >= 0 and libc.inotify_add_watch(ino, directory.encode(), 0x100 | 0x80) < 0:  # IN_CREATE, IN_MOVED_TO
+        os.close(ino)
+        ino = -1
+
+    def try_connect() -> bool:
+        nonlocal connected, ino
+        if ino >= 0 and not all(os.path.exists(p) for p in endpoints.values()):
+            return False
+        for channel, s in sockets.items():
+            s.connect("ipc://" + endpoints[channel])
+        connected = True
+        for channel, parts in held:
+            sockets[channel].send_multipart(parts, copy=False)
+        held.clear()
+        if ino >= 0:
+            poller.unregister(ino)
+            os.close(ino)
+            ino = -1
+        return True
+
+    # -- the loop ---------------------------------------------------------------------------
+    poller = zmq.Poller()
+    poller.register(0, zmq.POLLIN)
+    poller.register(wake_r, zmq.POLLIN)
+    pipes = {out_r: b"stdout", err_r: b"stderr"}
+    for fd in pipes:
+        poller.register(fd, zmq.POLLIN)
+    for m in monitors:
+        poller.register(m, zmq.POLLIN)
+    if ino >= 0:
+        poller.register(ino, zmq.POLLIN)
+    decoder = framing.Decoder(limits, framing.TO_RELAY)
+    reading_kernel = False
+    writing = False
+    last_rx = time.monotonic()
+    suspect: dict[str, float] = {}  # a socket to the kernel disconnected: channel -> when it is a violation
+
+    link({"type": "hello", "version": framing.VERSION, "kernel_pid": kernel})
+    try_connect()
+
+    def kernel_exited(status: int) -> None:
+        for fd in list(pipes):
+            try:
+                while data := os.read(fd, 65536):
+                    kernel_output(pipes[fd], data)
+            except (BlockingIOError, OSError):
+                pass
+        code = os.waitstatus_to_exitcode(status)
+        link({"type": "exit", "code": code if code >= 0 else None, "signal": -code if code < 0 else None,
+              "tail": tail.decode(errors="replace")[-2048:]})
+        drain_for(LAST_WORDS)
+        kill_kernel()  # what the kernel left running dies with pid 1 anyway; say it here
+        os._exit(code if code >= 0 else 128 - code)
+
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == kernel:
+                kernel_exited(status)
+
+    def from_host(frame: Any) -> None:
+        if frame.channel == framing.LINK:
+            msg = framing.decode_link(frame.parts)
+            kind = msg["type"]
+            if kind == "keepalive":
+                link({"type": "keepalive"})
+            elif kind == "resync":
+                link({"type": "resync", "nonce": str(msg.get("nonce", ""))[:64]})
+            elif kind == "bye":
+                drain_for(1.0)
+                end(0, "the host ended the sandbox")
+            elif kind == "signal" and msg.get("signum") in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.kill(kernel, msg["signum"])
+                except ProcessLookupError:
+                    pass  # exiting: its status follows
+            return
+        if connected:
+            sockets[frame.channel].send_multipart(frame.parts, copy=False)
+        else:
+            held.append((frame.channel, frame.parts))
+
+    def from_kernel(channel: int, s: Any) -> None:
+        while state["queued"] < OUT_HWM:
+            try:
+                parts = s.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                i = parts.index(framing.DELIM, 0, 9)
+            except ValueError:
+                link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message without "
+                                                     "the <IDS|MSG> delimiter"})
+                continue
+            try:
+                emit(framing.encode(channel, state["seq"], parts[i:] if i else parts, limits))
+            except framing.FramingError as e:
+                link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message that breaks "
+                                                     f"the bounds: {e}"})
+
+    while True:
+        now = time.monotonic()
+        deadline = last_rx + orphan_timeout
+        if suspect:
+            deadline = min(deadline, min(suspect.values()))
+        want_kernel = connected and state["queued"] < OUT_HWM
+        if want_kernel != reading_kernel:
+            for s in sockets.values():
+                poller.register(s, zmq.POLLIN if want_kernel else 0)
+            reading_kernel = want_kernel
+        if bool(out) != writing:
+            writing = bool(out)
+            poller.register(1, zmq.POLLOUT if writing else 0)
+        events = poller.poll(max(int((deadline - now) * 1000) + 1, 0))
+        now = time.monotonic()
+        for what, _ in events:
+            if what == 0:
+                try:
+                    data = os.read(0, limits.read_chunk)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    end(0, "the host closed the stream (stdin ended)")
+                last_rx = now
+                while True:
+                    try:
+                        if data:
+                            chunk, data = data, b""
+                            decoder.feed(chunk)
+                        frame = decoder.next()
+                        if frame is None:
+                            break
+                        from_host(frame)
+                    except framing.FramingError as e:
+                        link({"type": "desync", "kind": e.kind, "error": str(e)})
+                        decoder.hunt()
+            elif what == wake_r:
+                try:
+                    sigs = os.read(wake_r, 256)
+                except BlockingIOError:
+                    sigs = b""
+                for sig in sigs:
+                    if sig in (signal.SIGTERM, signal.SIGINT):
+                        try:
+                            os.kill(kernel, sig)
+                        except ProcessLookupError:
+                            pass
+                if signal.SIGCHLD in sigs:
+                    reap()
+            elif what in pipes:
+                try:
+                    data = os.read(what, 65536)
+                except BlockingIOError:
+                    continue
+                if data:
+                    kernel_output(pipes[what], data)
+                else:
+                    poller.unregister(what)
+                    os.close(what)
+                    del pipes[what]
+            elif what in monitors:
+                what.recv_multipart()
+                suspect.setdefault(monitors[what], now + DISCONNECT_GRACE)
+            elif what == ino:
+                try:
+                    os.read(ino, 4096)
+                except BlockingIOError:
+                    pass
+                try_connect()
+            elif what != 1:
+                channel = next(c for c, s in sockets.items() if s is what)
+                from_kernel(channel, what)
+        for name, at in list(suspect.items()):
+            if now >= at:
+                reap()  # an exit explains it (and does not return)
+                link({"type": "violation", "reason": f"the kernel's {name} connection dropped while the kernel "
+                                                     "runs: it sent a message part larger than "
+                                                     f"max_message_bytes ({limits.max_frame_bytes} bytes)"})
+                del suspect[name]
+        if out:
+            flush()
+        if now >= last_rx + orphan_timeout:
+            end(0, f"no keepalive from the host for {orphan_timeout:g} s: the host is gone, ending the sandbox")
+
+
+if __name__ == "kernelexec_relay":
+    main(BOOT)  # type: ignore[name-defined]  # noqa: F821  (given by BOOTSTRAP)
