@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kernelexec import kernel_launch
+from kernelexec.backend.ipc import ZmqChannels
 from kernelexec.client import KernelClient
 from kernelexec.sockdir import wait_for_paths
 
@@ -58,8 +59,9 @@ class LocalKernel:
             await asyncio.wait_for(wait_for_paths(self.dir, [f"k-{p}" for p in PORTS.values()]), 30)
         except asyncio.TimeoutError:
             raise RuntimeError(f"the local kernel did not start within 30 s (exit code {self.proc.poll()})") from None
-        self.client = KernelClient(key.encode(), {c: f"ipc://{self.dir}/k-{p}" for c, p in PORTS.items()},
-                                   max_message_bytes=16 << 20, max_output_bytes=8 << 20)
+        channels = ZmqChannels({c: f"ipc://{self.dir}/k-{p}" for c, p in PORTS.items()}, max_message_bytes=16 << 20)
+        await channels.connect()
+        self.client = KernelClient(key.encode(), channels, max_output_bytes=8 << 20)
         await self.client.connect()
         await self.client.wait_ready()
 

@@ -1,27 +1,25 @@
 """An asyncio Jupyter client for one kernel, bounded against a hostile peer.
 
-Why not ``jupyter_client``'s client: we need every socket bounded
-(``MAXMSGSIZE``, high-water marks), endpoints pinned to verified inodes,
-IOPub drained continuously (the kernel drops what a slow client does not
-read, the final ``idle`` included), and death noticed from the socket
-itself. Reads block on the sockets; nothing polls.
+Why not ``jupyter_client``'s client: we need every channel bounded (frame
+size, queued messages), IOPub drained continuously (the kernel drops what a
+slow client does not read, the final ``idle`` included), and death noticed
+from the transport itself. The client speaks the protocol over a
+:class:`~kernelexec.backend.base.Channels`: it never learns whether the
+channels are ipc sockets shared with the container or the container's attach
+stream. Reads block on the channels; nothing polls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import zmq
-import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
-
 from . import protocol
+from .backend.base import Channels, ChannelsClosed
 from .errors import ProtocolError, SandboxError
 from .protocol import Message, Signer
 from .results import TRUNCATION_MARKER, ErrorInfo, Execution, MimeBundle, Stream, strip_ansi
@@ -30,10 +28,6 @@ log = logging.getLogger("kernelexec")
 
 #: After execute_reply, how long to wait for IOPub to catch up (its idle).
 IDLE_GRACE = 1.0
-#: Receive high-water marks, in messages. With ``max_message_bytes`` they
-#: bound what ZeroMQ may buffer for one session: (16 + 4 + 4) messages.
-IOPUB_HWM = 16
-REPLY_HWM = 4
 MAX_TRACEBACK = 64 * 1024
 KERNEL_CUT = TRUNCATION_MARKER.split(" at {")[0]  # the kernel side writes the same marker
 #: An execute_result this small is kept even past the output budget: it is the
@@ -44,32 +38,13 @@ Callback = Callable[[Any], None]
 
 
 class KernelGone(Exception):
-    """Internal: the kernel's socket closed. The session turns it into KernelDied."""
+    """Internal: the kernel's transport closed. The session turns it into KernelDied.
 
+    ``closed`` is the transport's account (with the kernel's exit status when it knew it)."""
 
-# -- one ZeroMQ context per process, terminated when its last user goes --------
-
-_ctx_lock = threading.Lock()
-_ctx: zmq.asyncio.Context | None = None
-_ctx_users = 0
-
-
-def _acquire_context() -> zmq.asyncio.Context:
-    global _ctx, _ctx_users
-    with _ctx_lock:
-        if _ctx is None:
-            _ctx = zmq.asyncio.Context(io_threads=1)
-        _ctx_users += 1
-        return _ctx
-
-
-def _release_context() -> None:
-    global _ctx, _ctx_users
-    with _ctx_lock:
-        _ctx_users -= 1
-        if _ctx_users == 0 and _ctx is not None:
-            _ctx.term()
-            _ctx = None
+    def __init__(self, reason: str, closed: ChannelsClosed | None = None) -> None:
+        super().__init__(reason)
+        self.closed = closed
 
 
 @dataclass
@@ -220,17 +195,14 @@ def _display_id(c: dict[str, Any]) -> str | None:
 
 
 class KernelClient:
-    """Shell, control and IOPub channels to one kernel, with background readers."""
+    """Shell, control and IOPub of one kernel over its channels, with background readers."""
 
-    def __init__(self, key: bytes, endpoints: dict[str, str], *, max_message_bytes: int,
-                 max_output_bytes: int) -> None:
+    def __init__(self, key: bytes, channels: Channels, *, max_output_bytes: int) -> None:
         self._signer = Signer(key)
-        self._endpoints = endpoints
-        self._max_msg = max_message_bytes
+        self._channels = channels
         self._max_out = max_output_bytes
         self._session = uuid.uuid4().hex
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sockets: list[zmq.asyncio.Socket] = []
+        self._connected = False
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[str, _Pending] = {}
         self._replies: dict[str, asyncio.Future[Message]] = {}
@@ -240,51 +212,28 @@ class KernelClient:
 
     @property
     def alive(self) -> bool:
-        return self._gone is None and self._ctx is not None
-
-    def _socket(self, kind: int, name: str, hwm: int) -> zmq.asyncio.Socket:
-        assert self._ctx is not None
-        s = self._ctx.socket(kind)
-        self._sockets.append(s)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.MAXMSGSIZE, self._max_msg)
-        s.setsockopt(zmq.RCVHWM, hwm)
-        s.setsockopt(zmq.SNDHWM, hwm)
-        if kind == zmq.DEALER:
-            s.setsockopt(zmq.IDENTITY, f"{self._session}-{name}".encode())
-        if kind == zmq.SUB:
-            s.setsockopt(zmq.SUBSCRIBE, b"")
-        s.connect(self._endpoints[name])
-        return s
+        return self._gone is None and self._connected
 
     async def connect(self) -> None:
-        self._ctx = _acquire_context()
-        self._shell = self._socket(zmq.DEALER, "shell", REPLY_HWM)
-        self._control = self._socket(zmq.DEALER, "control", REPLY_HWM)
-        self._iopub = self._socket(zmq.SUB, "iopub", IOPUB_HWM)
         loop = asyncio.get_running_loop()
+        self._connected = True
         self._tasks = [
-            loop.create_task(self._read_replies(self._shell, "shell")),
-            loop.create_task(self._read_replies(self._control, "control")),
-            loop.create_task(self._read_iopub()),
+            loop.create_task(self._read_replies("shell"), name="kernelexec-shell-reader"),
+            loop.create_task(self._read_replies("control"), name="kernelexec-control-reader"),
+            loop.create_task(self._read_iopub(), name="kernelexec-iopub-reader"),
+            loop.create_task(self._watch(), name="kernelexec-channels-watch"),
         ]
-        # ZeroMQ drops a connection whose peer sent a frame over MAXMSGSIZE, and
-        # one whose peer died; either way the kernel is no longer trustworthy.
-        for name, sock in (("shell", self._shell), ("control", self._control), ("iopub", self._iopub)):
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            self._sockets.append(monitor)
-            self._tasks.append(loop.create_task(self._watch(monitor, name)))
 
     # -- readers -----------------------------------------------------------------
 
-    async def _recv(self, sock: zmq.asyncio.Socket) -> tuple[Message, int]:
-        frames = await sock.recv_multipart(copy=True)
+    async def _recv(self, channel: str) -> tuple[Message, int]:
+        frames = await self._channels.recv(channel)
         return protocol.parse(self._signer, frames), sum(len(f) for f in frames)
 
-    async def _read_replies(self, sock: zmq.asyncio.Socket, channel: str) -> None:
+    async def _read_replies(self, channel: str) -> None:
         try:
             while True:
-                msg, _ = await self._recv(sock)
+                msg, _ = await self._recv(channel)
                 fut = self._replies.pop(msg.parent_id or "", None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
@@ -294,15 +243,15 @@ class KernelClient:
             self._fail(e)
         except asyncio.CancelledError:
             raise
-        except zmq.ZMQError as e:
-            self._fail(KernelGone(f"{channel} channel failed: {e}"))
+        except ChannelsClosed as e:
+            self._fail(KernelGone(e.reason, e))
         except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
             self._fail(e)
 
     async def _read_iopub(self) -> None:
         try:
             while True:
-                msg, size = await self._recv(self._iopub)
+                msg, size = await self._recv("iopub")
                 if msg.msg_type == "iopub_welcome":
                     self._welcome.set()
                     continue
@@ -316,23 +265,19 @@ class KernelClient:
             self._fail(e)
         except asyncio.CancelledError:
             raise
-        except zmq.ZMQError as e:
-            self._fail(KernelGone(f"iopub channel failed: {e}"))
+        except ChannelsClosed as e:
+            self._fail(KernelGone(e.reason, e))
         except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
             self._fail(e)
 
-    async def _watch(self, monitor: zmq.asyncio.Socket, channel: str) -> None:
-        while True:
-            frames = await monitor.recv_multipart()
-            if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
-                self._fail(KernelGone(
-                    f"the {channel} connection closed: the kernel died, or sent a message larger "
-                    f"than max_message_bytes ({self._max_msg} bytes)"))
-                return
+    async def _watch(self) -> None:
+        closed = await self._channels.wait_closed()
+        self._fail(KernelGone(closed.reason, closed))
 
     def _fail(self, error: BaseException) -> None:
         if self._gone is None:
             self._gone = error
+        self._welcome.set()  # wait_ready() checks _gone after waking
         for fut in self._replies.values():
             if not fut.done():
                 fut.set_exception(self._gone)
@@ -352,8 +297,13 @@ class KernelClient:
         # orphan to be logged as "never retrieved".
         fut.add_done_callback(_observe)
         self._replies[msg_id] = fut
-        sock = self._shell if channel == "shell" else self._control
-        await sock.send_multipart(frames)
+        try:
+            await self._channels.send(channel, frames)
+        except ChannelsClosed as e:
+            self._replies.pop(msg_id, None)
+            gone = KernelGone(e.reason, e)
+            self._fail(gone)
+            raise gone from e
         return msg_id, fut
 
     async def wait_ready(self) -> dict[str, Any]:
@@ -374,6 +324,8 @@ class KernelClient:
                 _, fut = await self.request("shell", "kernel_info_request", {})
                 await fut
                 delay = min(delay * 2, 1.0)
+        if self._gone is not None:
+            raise self._gone
         return reply.content
 
     async def submit(self, code: str, callbacks: Callbacks) -> str:
@@ -443,16 +395,13 @@ class KernelClient:
         await asyncio.wait_for(fut, timeout)
 
     async def close(self) -> None:
+        """Stop the readers and release the channels (the kernel's end is the sandbox's business)."""
         tasks, self._tasks = self._tasks, []
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for s in self._sockets:
-            s.close(linger=0)
-        self._sockets.clear()
-        if self._ctx is not None:
-            self._ctx = None
-            _release_context()
+        await self._channels.close()
+        self._connected = False
         if self._gone is None:
             self._gone = SandboxError("the session is closed")
         self._fail(self._gone)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import errno
 import logging
 import os
 import signal
@@ -19,12 +20,23 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Coroutine, Iterator, TypeVar
+from typing import Any, Callable, Coroutine, Iterator, TypeVar
 
+from .backend.base import Channels
+from .backend.base import Sandbox as BaseSandbox
 from .dockerapi import DockerAPIError, api, close_stream
 from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxLost, SandboxStartError
-from .policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, resolve_user, work_volume_options
+from .policy import (
+    KERNEL_PYTHON,
+    OWNER_SOCKET,
+    SOCKET_MOUNT,
+    Policy,
+    container_config,
+    parse_size,
+    resolve_user,
+    work_volume_options,
+)
 from .sockdir import CONNECTION_FILE, SOCKET_BASENAME, SocketDir, owner_pid_of, remove_path, socket_root
 
 log = logging.getLogger("kernelexec")
@@ -37,6 +49,7 @@ LABEL_CREATED = "kernelexec.created"
 LABEL_SOCKDIR = "kernelexec.sockdir"
 LABEL_VOLUME = "kernelexec.volume"
 LABEL_POLICY = "kernelexec.policy"
+LABEL_TRANSPORT = "kernelexec.transport"
 
 PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 _STDERR_TAIL = 4096
@@ -178,10 +191,12 @@ class ConnectionInfo:
         }
 
 
-class Sandbox:
-    """One container with its socket directory and working-directory volume.
+class DockerSandbox(BaseSandbox):
+    """One container on a Docker Engine API, with its working-directory volume.
 
-    ``destroy()`` is idempotent; ``destroy_blocking()`` is what atexit and
+    What every transport shares: labels, the volume, create errors, start, death, the archive
+    API, destroy. A transport adds how the kernel is started and reached (:meth:`create`,
+    :meth:`open`). ``destroy()`` is idempotent; ``destroy_blocking()`` is what atexit and
     SIGTERM call.
     """
 
@@ -193,18 +208,25 @@ class Sandbox:
         self.sockdir: SocketDir | None = None
         self.container_id: str | None = None
         self.volume: str | None = None
+        self.endpoints: dict[str, str] = {}
         #: held open for the kernel's orphan watchdog: it ends the kernel when this closes
         self.owner: socket.socket | None = None
         #: a cleanup failed (engine down?): it is retried at the next start, and at exit
         self.cleanup_failed = False
         self._destroyed = False
+        self._channels: Channels | None = None
+        self._channels_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def name(self) -> str:
         return f"kernelexec-{self.conn.session_id}"
 
+    @property
+    def channels(self) -> Channels | None:
+        """The channels :meth:`open` returned (closed with the sandbox)."""
+        return self._channels
+
     def labels(self) -> dict[str, str]:
-        assert self.sockdir is not None
         pid = os.getpid()
         return {
             **self.policy.labels,
@@ -213,39 +235,21 @@ class Sandbox:
             LABEL_START: process_start_ticks(pid) or "",
             LABEL_HOST: socket.gethostname(),
             LABEL_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            LABEL_SOCKDIR: str(self.sockdir.path),
             LABEL_VOLUME: self.name,
             LABEL_POLICY: self.policy.to_json(),
+            LABEL_TRANSPORT: self.transport,
         }
 
-    async def create(self) -> None:
-        """Socket directory, connection file, volume and (not yet started) container."""
-        endpoint = api().endpoint
-        if not endpoint.is_local:
-            raise DockerUnavailable(
-                f"the Docker engine is at {endpoint.describe()}, not on this host: this sandbox bind-mounts "
-                "its kernel's sockets from this host (the ipc transport), which needs a local engine. Use a "
-                "local engine (unset DOCKER_HOST / `docker context use default`) until the attach transport "
-                "carries sessions to remote engines"
-            )
+    async def _create_container(self, labels: dict[str, str], body_for: Callable[[str], dict[str, Any]]) -> None:
+        """The volume, then the container whose create body ``body_for(volume)`` gives."""
         _register(self)
-        self.sockdir = SocketDir(self.uid, self.gid)
-        self.sockdir.write_connection_file(self.conn.file_contents())
-        self.sockdir.write_file(STARTUP_FILE, kernel_startup_source())
-        if self.policy.fast_kernel:
-            self.sockdir.write_file(LAUNCH_FILE, kernel_launch_source())
-        labels = self.labels()
         docker = api()
         self.volume = await docker.create_volume(
             self.name, work_volume_options(self.policy, self.uid, self.gid),
             {k: labels[k] for k in (LABEL, LABEL_PID, LABEL_START, LABEL_HOST)},
         )
-        config = container_config(
-            self.policy, image=self.image, command=self.command(), uid=self.uid, gid=self.gid,
-            socket_dir=str(self.sockdir.path), work_volume=self.volume, labels=labels,
-        )
         try:
-            self.container_id = await docker.create_container(self.name, config)
+            self.container_id = await docker.create_container(self.name, body_for(self.volume))
         except DockerAPIError as e:
             if e.status == 404 and "image" in e.explanation.lower():
                 raise ImageNotFound(
@@ -260,6 +264,24 @@ class Sandbox:
             raise SandboxStartError(f"Docker refused to create the sandbox container: {e.explanation}") from e
         for r in self.policy.relaxations():
             log.warning("session %s: policy loosened: %s", self.conn.session_id, r)
+
+    async def put_archive(self, path: str, tar: bytes) -> None:
+        assert self.container_id is not None
+        try:
+            await api().put_archive(self.container_id, path, tar)
+        except DockerAPIError as e:
+            if "no space left" in e.explanation.lower():
+                raise OSError(errno.ENOSPC, f"no space left in the sandbox at {path}") from e
+            raise SandboxError(f"the engine refused the files for {path}: {e.explanation}") from e
+
+    async def get_archive(self, path: str, limit: int) -> bytes:
+        assert self.container_id is not None
+        try:
+            return await api().get_archive(self.container_id, path, limit)
+        except DockerAPIError as e:
+            if e.status == 404:
+                raise FileNotFoundError(f"{path} does not exist in the sandbox") from e
+            raise SandboxError(f"the engine did not give {path}: {e.explanation}") from e
 
     def command(self) -> list[str]:
         main = [f"{SOCKET_MOUNT}/{LAUNCH_FILE}"] if self.policy.fast_kernel else ["-m", "ipykernel_launcher"]
@@ -316,6 +338,17 @@ class Sandbox:
             return SandboxLost(reason, exit_code=code)
         return KernelDied(reason, exit_code=code, oom_killed=oom)
 
+    async def _start_failed(self, said: str, when: str) -> SandboxStartError:
+        died = await self.death(2.0)
+        if died.oom_killed:
+            return SandboxStartError(
+                f"the kernel ran out of memory {when}: Policy.memory={self.policy.memory!r} is too small for "
+                "the kernel itself (an idle kernel needs about 40 MiB, more with large imports and tmpfs files). "
+                "Raise Policy.memory, e.g. to '256m'")
+        return SandboxStartError(
+            f"the kernel exited {when} ({died.reason})" + (f"; it said:\n{said}" if said else "")
+            + "\nCheck the image with `kernelexec doctor`.")
+
     async def destroy(self) -> None:
         """Remove the container, its volume and the socket directory. Safe to call twice."""
         if self._destroyed:
@@ -331,6 +364,8 @@ class Sandbox:
 
     async def _destroy(self) -> None:
         errors: list[BaseException] = []
+        if self._channels is not None and self._channels_loop is asyncio.get_running_loop():
+            await self._channels.close()  # idempotent; from another loop (atexit, a signal) the process is going
         if self.owner is not None:
             self.owner.close()
         docker = api()
@@ -360,8 +395,6 @@ class Sandbox:
     def destroy_blocking(self) -> None:
         run_blocking(self.destroy())
 
-    # -- the attach stream: early exit and the kernel's last words ---------------
-
     async def attach(self) -> AttachStream:
         """Open the container's stdout/stderr before it starts.
 
@@ -371,6 +404,84 @@ class Sandbox:
         assert self.container_id is not None
         reader, writer = await api().attach(self.container_id)
         return AttachStream(reader, writer)
+
+
+class IpcSandbox(DockerSandbox):
+    """The kernel's ZeroMQ ipc sockets in a host directory bind-mounted into the container.
+
+    The fastest transport, for a local Linux engine whose runtime shares unix sockets with the
+    host (runc): the socket directory (:mod:`kernelexec.sockdir`) is the only host path the
+    container sees, and the host connects only to the inodes it verified.
+    """
+
+    transport = "ipc"
+
+    def labels(self) -> dict[str, str]:
+        assert self.sockdir is not None
+        return {**super().labels(), LABEL_SOCKDIR: str(self.sockdir.path)}
+
+    async def create(self) -> None:
+        """Socket directory, connection file, volume and (not yet started) container."""
+        endpoint = api().endpoint
+        if not endpoint.is_local:
+            raise DockerUnavailable(
+                f"the Docker engine is at {endpoint.describe()}, not on this host: the ipc transport bind-mounts "
+                "the kernel's sockets from this host, which needs a local engine. Leave Policy.transport at "
+                "'auto' (or set 'attach') for remote engines"
+            )
+        _register(self)
+        self.sockdir = SocketDir(self.uid, self.gid)
+        self.sockdir.write_connection_file(self.conn.file_contents())
+        self.sockdir.write_file(STARTUP_FILE, kernel_startup_source())
+        if self.policy.fast_kernel:
+            self.sockdir.write_file(LAUNCH_FILE, kernel_launch_source())
+        sockdir = str(self.sockdir.path)
+        await self._create_container(self.labels(), lambda volume: container_config(
+            self.policy, image=self.image, command=self.command(), uid=self.uid, gid=self.gid,
+            socket_dir=sockdir, work_volume=volume, labels=self.labels()))
+
+    async def open(self) -> Channels:
+        """Start; wait for the kernel's sockets (or its early exit), connect to the verified inodes."""
+        from .backend.ipc import ZmqChannels
+
+        assert self.sockdir is not None
+        attach = await self.attach()  # ends exactly when the container exits: a failed start, not a slow one
+        tasks: list[asyncio.Future[Any]] = []
+        try:
+            await self.start()
+            names = [f"{SOCKET_BASENAME}-{port}" for port in PORTS.values()] + [OWNER_SOCKET]
+            ready = asyncio.ensure_future(self.sockdir.wait_for(names))
+            exited = asyncio.ensure_future(attach.wait_closed())
+            tasks += [ready, exited]
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not ready.done():
+                raise await self._start_failed(attach.text(), "before it was ready")
+            ready.result()
+            # every channel is pinned, including the two our client does not use (stdin, heartbeat),
+            # so that other Jupyter clients (the kernel provisioner) connect only to verified sockets
+            self.endpoints = {c: self.sockdir.open_socket(f"{SOCKET_BASENAME}-{port}") for c, port in PORTS.items()}
+            self.owner = self.sockdir.connect_plain(OWNER_SOCKET)
+            self.sockdir.lock()
+            channels = ZmqChannels(self.endpoints, max_message_bytes=parse_size(self.policy.max_message_bytes))
+            self._channels, self._channels_loop = channels, asyncio.get_running_loop()
+            await channels.connect()
+            connected = asyncio.ensure_future(channels.wait_connected())
+            tasks.append(connected)
+            # once connected, ZeroMQ reports the kernel's death itself (a disconnect)
+            await asyncio.wait({connected, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not connected.done():
+                raise await self._start_failed(attach.text(), "while starting")
+            return channels
+        finally:
+            for t in tasks:
+                t.cancel()
+            for r in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(r, Exception):  # the start already failed for the reason raised
+                    log.debug("session %s: a start step also ended with %r", self.conn.session_id, r)
+            await attach.close()
+
+
+Sandbox = IpcSandbox  # the name this module's callers knew
 
 
 class AttachStream:
@@ -405,7 +516,7 @@ class AttachStream:
 
 # -- cleanup at exit and on SIGTERM --------------------------------------------
 
-_live: dict[int, Sandbox] = {}
+_live: dict[int, DockerSandbox] = {}
 _live_lock = threading.Lock()
 _atexit_installed = False
 _signals_installed = False
@@ -415,7 +526,7 @@ CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _previous_handlers: dict[int, Any] = {}
 
 
-def _register(sb: Sandbox) -> None:
+def _register(sb: DockerSandbox) -> None:
     with _live_lock:
         _live[id(sb)] = sb
     install_exit_hooks()
@@ -456,12 +567,12 @@ def _on_signal(signum: int, frame: Any) -> None:
         os.kill(os.getpid(), signum)
 
 
-def _unregister(sb: Sandbox) -> None:
+def _unregister(sb: DockerSandbox) -> None:
     with _live_lock:
         _live.pop(id(sb), None)
 
 
-def live_sandboxes() -> list[Sandbox]:
+def live_sandboxes() -> list[DockerSandbox]:
     with _live_lock:
         return list(_live.values())
 
@@ -492,6 +603,8 @@ class SessionInfo:
     host: str
     created: str
     image: str
+    #: "ipc" or "attach" (older sessions carry no label: they were ipc)
+    transport: str = "ipc"
 
 
 async def alist_sessions(all_hosts: bool = False) -> list[SessionInfo]:
@@ -510,6 +623,7 @@ async def alist_sessions(all_hosts: bool = False) -> list[SessionInfo]:
             session_id=labels.get(LABEL, ""), container_id=c["Id"], status=c.get("State", ""),
             owner_pid=pid, owner_alive=host == here and pid > 0 and owner_alive(pid, labels.get(LABEL_START) or None),
             host=host, created=labels.get(LABEL_CREATED, ""), image=c.get("Image", ""),
+            transport=labels.get(LABEL_TRANSPORT, "ipc"),
         ))
     return out
 

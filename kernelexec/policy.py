@@ -150,6 +150,10 @@ class Policy:
     #: per reply). ``False`` runs the stock ``ipykernel_launcher``, e.g. for a client that needs
     #: kernel subshells (JEP 91), which the fast kernel does not offer.
     fast_kernel: bool = True
+    #: How the host reaches the kernel: ``"auto"`` (ipc sockets with a local engine and runc, the
+    #: engine's attach stream otherwise: remote engines, gVisor), ``"ipc"`` or ``"attach"``. Both
+    #: keep every other setting: no network, nothing of the host mounted but (ipc) the socket directory.
+    transport: Literal["auto", "ipc", "attach"] = "auto"
 
     def __post_init__(self) -> None:
         for name in _SIZE_FIELDS:
@@ -185,6 +189,8 @@ class Policy:
             raise ValueError("labels starting with 'kernelexec.' are reserved")
         if self.seccomp not in ("kernelexec", "docker-default", "unconfined") and not self.seccomp.endswith(".json"):
             raise ValueError("seccomp must be 'kernelexec', 'docker-default', 'unconfined' or a path to a .json profile")
+        if self.transport not in ("auto", "ipc", "attach"):
+            raise ValueError(f"transport must be 'auto', 'ipc' or 'attach', got {self.transport!r}")
         if any(c.upper() == "ALL" for c in self.cap_add):
             raise ValueError("cap_add=ALL would undo the sandbox; name the capabilities you need")
 

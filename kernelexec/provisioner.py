@@ -96,6 +96,13 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         session = AsyncSession(policy, profile=self.profile)
         await session.start()
         self.session = session
+        if not session.endpoints:
+            await session.close()
+            self.session = None
+            raise RuntimeError(
+                f"this sandbox's kernel is reached over the {session.transport} transport, which offers Jupyter "
+                "clients no sockets on this host yet; use a local engine with runc (Policy.transport='ipc') "
+                "for JupyterLab, nbclient and papermill")
         self.links = private_dir()
         for channel, port in PORTS.items():
             os.symlink(session.endpoints[channel].removeprefix("ipc://"), self.links / f"{SOCKET_BASENAME}-{port}")

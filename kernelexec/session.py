@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -20,9 +21,8 @@ from typing import Any, Callable, Coroutine, NoReturn, TypeVar
 
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
+from .backend import Sandbox, install_exit_hooks, new_sandbox, prepare
 from .client import Callbacks, KernelClient, KernelGone
-from .container import PORTS, ConnectionInfo, Sandbox, install_exit_hooks, retry_failed_cleanups, startup_gc
-from .dockerapi import DockerAPIError, api
 from .errors import (
     CodeTooLarge,
     ExecutionTimeout,
@@ -33,12 +33,11 @@ from .errors import (
     SandboxStartError,
     SessionClosed,
 )
-from .policy import OWNER_SOCKET, WORKDIR, Policy, parse_size
+from .policy import WORKDIR, Policy, parse_size
 from .precheck import CodePolicy
 from .profiles import profile_policy, within
 from .protocol import new_key
 from .results import ErrorInfo, Execution, MimeBundle, Stream
-from .sockdir import SOCKET_BASENAME
 
 log = logging.getLogger("kernelexec")
 T = TypeVar("T")
@@ -84,6 +83,7 @@ class AsyncSession:
         self._history_kept = 0  # history[:_history_kept] may still hold outputs
         self.id = secrets.token_hex(6)
         self._sandbox: Sandbox | None = None
+        self._key: bytes | None = None
         self._client: KernelClient | None = None
         self._dead: KernelDied | None = None
         self._closed = False
@@ -100,13 +100,18 @@ class AsyncSession:
 
     @property
     def socket_dir(self) -> Path | None:
-        return self._sandbox.sockdir.path if self._sandbox and self._sandbox.sockdir else None
+        sockdir = getattr(self._sandbox, "sockdir", None)
+        return sockdir.path if sockdir is not None else None
+
+    @property
+    def transport(self) -> str | None:
+        """How the host reaches the kernel: ``"ipc"`` or ``"attach"`` (see ``Policy.transport``)."""
+        return self._sandbox.transport if self._sandbox else None
 
     @property
     def key(self) -> bytes | None:
         """The kernel's HMAC key, for other Jupyter clients of the same kernel (the provisioner)."""
-        return self._sandbox.conn.key if self._sandbox else None
-
+        return self._key
     @property
     def alive(self) -> bool:
         return self._client is not None and self._client.alive and self._dead is None
@@ -144,11 +149,10 @@ class AsyncSession:
             raise
 
     async def _start(self) -> None:
-        await startup_gc()
-        await retry_failed_cleanups()
+        await prepare()
         image = self._image or _default_image()
-        conn = ConnectionInfo(key=new_key(), session_id=self.id)
-        sandbox = Sandbox(self.policy, image, conn)
+        self._key = key = new_key()
+        sandbox = new_sandbox(self.policy, image, key, self.id)
         self._sandbox = sandbox
         try:
             await sandbox.create()
@@ -157,59 +161,16 @@ class AsyncSession:
                 raise ImageNotFound(f"{e} (the image was named by $KERNELEXEC_IMAGE={image!r}; unset it to "
                                     "use the image built from this version's recipe)") from e
             raise
-        attach = await sandbox.attach()
-        # every task started here ends here, whatever happens (a cancelled start included):
-        # none may outlive it and fail unobserved
-        tasks: list[asyncio.Future[Any]] = []
+        channels = await sandbox.open()
+        self.endpoints = dict(sandbox.endpoints)
+        client = KernelClient(key, channels, max_output_bytes=parse_size(self.policy.max_output_bytes))
+        self._client = client
+        await client.connect()
         try:
-            await sandbox.start()
-            assert sandbox.sockdir is not None
-            names = [f"{SOCKET_BASENAME}-{port}" for port in PORTS.values()] + [OWNER_SOCKET]
-            ready = asyncio.ensure_future(sandbox.sockdir.wait_for(names))
-            exited = asyncio.ensure_future(attach.wait_closed())
-            tasks += [ready, exited]
-            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if not ready.done():
-                raise await self._start_failed(sandbox, attach, "before it was ready")
-            ready.result()
-            # every channel is pinned, including the two our client does not use (stdin, heartbeat),
-            # so that other Jupyter clients (the kernel provisioner) connect only to verified sockets
-            endpoints = {c: sandbox.sockdir.open_socket(f"{SOCKET_BASENAME}-{port}") for c, port in PORTS.items()}
-            self.endpoints = endpoints
-            sandbox.owner = sandbox.sockdir.connect_plain(OWNER_SOCKET)
-            sandbox.sockdir.lock()
-            client = KernelClient(
-                conn.key, endpoints,
-                max_message_bytes=parse_size(self.policy.max_message_bytes),
-                max_output_bytes=parse_size(self.policy.max_output_bytes),
-            )
-            self._client = client
-            await client.connect()
-            info = asyncio.ensure_future(client.wait_ready())
-            tasks.append(info)
-            await asyncio.wait({info, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if not info.done():
-                raise await self._start_failed(sandbox, attach, "while starting")
-            self.kernel_info = info.result()
-        finally:
-            for t in tasks:
-                t.cancel()
-            for r in await asyncio.gather(*tasks, return_exceptions=True):
-                if isinstance(r, Exception):  # the start already failed for the reason raised above
-                    log.debug("session %s: a start step also ended with %r", self.id, r)
-            await attach.close()
-
-    async def _start_failed(self, sandbox: Sandbox, attach: Any, when: str) -> SandboxStartError:
-        died = await sandbox.death(2.0)
-        said = attach.text()
-        if died.oom_killed:
-            return SandboxStartError(
-                f"the kernel ran out of memory {when}: Policy.memory={self.policy.memory!r} is too small for "
-                "the kernel itself (an idle kernel needs about 40 MiB, more with large imports and tmpfs files). "
-                "Raise Policy.memory, e.g. to '256m'")
-        return SandboxStartError(
-            f"the kernel exited {when} ({died.reason})" + (f"; it said:\n{said}" if said else "")
-            + "\nCheck the image with `kernelexec doctor`.")
+            self.kernel_info = await client.wait_ready()
+        except (KernelGone, ProtocolError) as e:
+            died = await sandbox.death(2.0, cause=str(e))
+            raise SandboxStartError(f"the kernel ended while starting ({died.reason})") from e
 
     def __repr__(self) -> str:
         return _describe(self, "AsyncSession")
@@ -431,7 +392,7 @@ class AsyncSession:
     async def upload(self, src: str | os.PathLike[str] | bytes, dest: str) -> str:
         """Copy a host file (or bytes) into the working directory. Returns the path inside.
 
-        Goes through Docker's archive API: no host directory is mounted.
+        Goes through the engine's archive API: no host directory is mounted.
         """
         self._require()
         assert self._sandbox is not None and self._sandbox.container_id is not None
@@ -443,17 +404,16 @@ class AsyncSession:
                                f"(Policy.workdir_size={self.policy.workdir_size!r})")
         tar = _tar_one(target, data, self._sandbox.uid, self._sandbox.gid)
         try:
-            await api().put_archive(self._sandbox.container_id, WORKDIR, tar)
-        except DockerAPIError as e:
-            if "no space left" in e.explanation.lower():
-                # the engine wrote what fitted: an empty file in its place says plainly that nothing arrived
-                await api().put_archive(self._sandbox.container_id, WORKDIR,
-                                        _tar_one(target, b"", self._sandbox.uid, self._sandbox.gid))
-                raise SandboxError(
-                    f"upload to {target} failed: the working directory is full ({len(data):,} bytes did not fit "
-                    f"in Policy.workdir_size={self.policy.workdir_size!r} with what is there). {target} was left "
-                    "empty; delete files in the sandbox or raise Policy.workdir_size") from e
-            raise SandboxError(f"upload to {target} failed: {e.explanation}") from e
+            await self._sandbox.put_archive(WORKDIR, tar)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise SandboxError(f"upload to {target} failed: {e}") from e
+            # the engine wrote what fitted: an empty file in its place says plainly that nothing arrived
+            await self._sandbox.put_archive(WORKDIR, _tar_one(target, b"", self._sandbox.uid, self._sandbox.gid))
+            raise SandboxError(
+                f"upload to {target} failed: the working directory is full ({len(data):,} bytes did not fit "
+                f"in Policy.workdir_size={self.policy.workdir_size!r} with what is there). {target} was left "
+                "empty; delete files in the sandbox or raise Policy.workdir_size") from e
         return str(target)
 
     async def download(self, src: str) -> bytes:
@@ -462,12 +422,7 @@ class AsyncSession:
         assert self._sandbox is not None and self._sandbox.container_id is not None
         path = _in_workdir(src)
         limit = parse_size(self.policy.workdir_size)
-        try:
-            tar = await api().get_archive(self._sandbox.container_id, str(path), limit + (1 << 20))
-        except DockerAPIError as e:
-            if e.status == 404:
-                raise FileNotFoundError(f"{path} does not exist in the sandbox") from e
-            raise SandboxError(f"download of {path} failed: {e.explanation}") from e
+        tar = await self._sandbox.get_archive(str(path), limit + (1 << 20))
         return _untar_one(tar, path)
 
 
@@ -633,6 +588,11 @@ class Session:
     @property
     def alive(self) -> bool:
         return self._async.alive
+
+    @property
+    def transport(self) -> str | None:
+        """How the host reaches the kernel: ``"ipc"`` or ``"attach"``."""
+        return self._async.transport
 
     @property
     def kernel_info(self) -> dict[str, Any]:

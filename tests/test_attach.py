@@ -12,18 +12,17 @@ import contextlib
 import json
 import os
 import secrets
-import statistics
-import time
 from collections import defaultdict
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import pytest
 
-from kernelexec import AsyncSession, Policy
+from kernelexec import Policy
 from kernelexec.backend.attach.engine import AttachSandbox, attach, boot_message
 from kernelexec.backend.base import Channels, ChannelsClosed
-from kernelexec.dockerapi import DockerAPI, DockerAPIError, close_stream
-from kernelexec.protocol import DELIM, Message, Signer, build, new_key, parse
+from kernelexec.container import ConnectionInfo
+from kernelexec.dockerapi import DockerAPI, DockerAPIError, api, close_stream
+from kernelexec.protocol import Message, Signer, build, new_key, parse
 
 T = TypeVar("T")
 #: A bound on every wait, so that a broken transport fails the test instead of hanging it.
@@ -133,11 +132,11 @@ def stream_text(outputs: list[Message]) -> str:
 @contextlib.asynccontextmanager
 async def attached(policy: Policy) -> AsyncIterator[tuple[AttachSandbox, Kernel]]:
     key = new_key()
-    sb = AttachSandbox(policy, policy.image or "", key, secrets.token_hex(6))
+    sb = AttachSandbox(policy, policy.image or "", ConnectionInfo(key=key, session_id=secrets.token_hex(6)))
     kernel: Kernel | None = None
     try:
         await sb.create()
-        channels = await sb.start(timeout=HANG)
+        channels = await asyncio.wait_for(sb.open(), HANG)
         kernel = Kernel(channels, key)
         await asyncio.wait_for(kernel.ready(), HANG)
         yield sb, kernel
@@ -158,7 +157,7 @@ def test_nothing_of_the_host_is_mounted(kernel_image: str) -> None:
     async def go() -> None:
         async with attached(Policy(image=kernel_image)) as (sb, k):
             assert sb.container_id is not None
-            info = await sb.api.inspect(sb.container_id)
+            info = await api().inspect(sb.container_id)
             mounts = info["Mounts"]
             assert [m for m in mounts if m["Type"] == "bind"] == []
             assert not info["HostConfig"].get("Binds")
@@ -297,7 +296,7 @@ def test_code_cannot_reach_the_stream_or_kill_the_relay(kernel_image: str) -> No
             reply, out = await k.execute("2 + 2")  # the relay is alive and still forwarding
             assert result_text(out) == "4"
             assert sb.container_id is not None
-            assert (await sb.api.inspect(sb.container_id))["State"]["Running"] is True
+            assert (await api().inspect(sb.container_id))["State"]["Running"] is True
 
     run(go())
 
@@ -360,7 +359,7 @@ def test_garbage_from_the_host_is_a_typed_error_and_reattach_resumes(kernel_imag
             await k.stop()
             resync = await sb.reattach(timeout=HANG)
             assert resync.frames_lost >= 0
-            k2 = Kernel(sb.channels, sb.key)
+            k2 = Kernel(sb.channels, sb.conn.key)
             try:
                 await k2.ready()
                 reply, out = await k2.execute("x + 1")  # the kernel and its state survived
@@ -384,7 +383,7 @@ def test_reattach_after_a_lost_connection_keeps_state(kernel_image: str) -> None
             await asyncio.sleep(1.0)  # the output of the request in flight goes nowhere meanwhile
             resync = await sb.reattach(timeout=HANG)
             assert resync.frames_lost > 0  # its output and reply were dropped by the engine, and counted
-            k2 = Kernel(sb.channels, sb.key)
+            k2 = Kernel(sb.channels, sb.conn.key)
             try:
                 await k2.ready()
                 reply, out = await k2.execute("x + 1")
@@ -404,7 +403,7 @@ def test_the_container_ends_itself_when_keepalives_stop(kernel_image: str, runti
             for t in sb.channels._tasks:  # the host hangs: its connection stays open, its keepalives stop
                 if t.get_name() == "kernelexec-attach-keepalive":
                     t.cancel()
-            state = await wait_exit(sb.api, sb.container_id, HANG)
+            state = await wait_exit(api(), sb.container_id, HANG)
             assert state["Running"] is False and state["ExitCode"] == 0
             with pytest.raises(ChannelsClosed, match="stream ended"):
                 await asyncio.wait_for(k.execute("1"), HANG)
@@ -423,7 +422,7 @@ def test_kernel_crash_reports_its_exit_status(kernel_image: str, runtime: str | 
             assert "exited with status 3" in caught.value.reason
             with pytest.raises(ChannelsClosed):
                 await k.send("shell", "kernel_info_request", {})
-            state = await wait_exit(sb.api, sb.container_id, HANG)
+            state = await wait_exit(api(), sb.container_id, HANG)
             assert state["ExitCode"] == 3
 
     run(go())
@@ -464,16 +463,16 @@ def test_a_raw_attach_sees_only_framed_bytes(kernel_image: str) -> None:
     async def go() -> None:
         key = new_key()
         policy = Policy(image=kernel_image)
-        sb = AttachSandbox(policy, kernel_image, key, secrets.token_hex(6))
+        sb = AttachSandbox(policy, kernel_image, ConnectionInfo(key=key, session_id=secrets.token_hex(6)))
         try:
             await sb.create()
             assert sb.container_id is not None
-            reader, writer = await attach(sb.api, sb.container_id)
+            reader, writer = await attach(api(), sb.container_id)
             try:
-                await sb.api.start(sb.container_id)
+                await api().start(sb.container_id)
                 with pytest.raises(asyncio.TimeoutError):  # nothing before the hello
                     await asyncio.wait_for(reader.read(1), 1.0)
-                writer.write(boot_message(policy, key, sb.session_id))
+                writer.write(boot_message(policy, key, sb.conn.session_id))
                 await writer.drain()
                 demux, stdout = DockerDemux(), b""
                 while len(stdout) < len(MAGIC):
@@ -487,97 +486,3 @@ def test_a_raw_attach_sees_only_framed_bytes(kernel_image: str) -> None:
             await sb.destroy()
 
     run(go())
-
-
-# -- figures (printed, never asserted) -----------------------------------------------------------
-
-class IpcChannels(Channels):
-    """The same contract over today's ipc sockets, so both transports run the same measurement."""
-
-    def __init__(self, endpoints: dict[str, str]) -> None:
-        import zmq
-        import zmq.asyncio
-
-        self._ctx = zmq.asyncio.Context()
-        self._sockets = {}
-        for name in ("shell", "control", "iopub"):
-            s = self._ctx.socket(zmq.SUB if name == "iopub" else zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            if name == "iopub":
-                s.setsockopt(zmq.SUBSCRIBE, b"")
-            s.connect(endpoints[name])
-            self._sockets[name] = s
-
-    async def send(self, channel: str, frames: list[bytes]) -> None:
-        await self._sockets[channel].send_multipart(frames)
-
-    async def recv(self, channel: str) -> list[bytes]:
-        frames = await self._sockets[channel].recv_multipart()
-        return frames[frames.index(DELIM):]
-
-    async def close(self) -> None:
-        for s in self._sockets.values():
-            s.close(linger=0)
-        self._ctx.term()
-
-
-async def _p50(execute: Callable[[], Awaitable[Any]], n: int) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await execute()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("runtime", runtimes())
-def test_figures_round_trip_and_cold_start(kernel_image: str, runtime: str | None,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    """1+1 p50 and cold start, attach vs ipc, interleaved on this machine. Printed, not asserted."""
-    policy = Policy(image=kernel_image, runtime=runtime)
-
-    async def go() -> dict[str, float]:
-        figures: dict[str, list[float]] = defaultdict(list)
-        for _ in range(3):  # cold starts, interleaved
-            t = time.perf_counter()
-            async with attached(policy):
-                figures["attach_cold"].append(time.perf_counter() - t)
-            if runtime is None:
-                t = time.perf_counter()
-                async with AsyncSession(policy):
-                    figures["ipc_cold"].append(time.perf_counter() - t)
-        async with attached(policy) as (sb, ak):
-            ipc_session = AsyncSession(policy) if runtime is None else None
-            async with contextlib.AsyncExitStack() as stack:
-                ik = None
-                if ipc_session is not None:
-                    await stack.enter_async_context(ipc_session)
-                    assert ipc_session.key is not None
-                    ich = IpcChannels(ipc_session.endpoints)
-                    stack.push_async_callback(ich.close)
-                    ik = Kernel(ich, ipc_session.key)
-                    stack.push_async_callback(ik.stop)
-                    await ik.ready()
-                for _ in range(30):  # warm both
-                    await ak.execute("1+1")
-                    if ik is not None:
-                        await ik.execute("1+1")
-                for _ in range(8):  # interleaved rounds
-                    figures["attach"].append(await _p50(lambda: ak.execute("1+1"), 25))
-                    if ik is not None and ipc_session is not None:
-                        figures["ipc"].append(await _p50(lambda: ik.execute("1+1"), 25))
-                        figures["ipc_session"].append(await _p50(lambda: ipc_session.execute("1+1"), 25))
-        return {k: statistics.median(v) for k, v in figures.items()}
-
-    f = run(go(), timeout=600)
-    with capsys.disabled():
-        name = runtime or "runc"
-        line = f"\n[attach figures, {name}] 1+1 p50: attach {f['attach']:.2f} ms"
-        if "ipc" in f:
-            line += (f", ipc {f['ipc']:.2f} ms (same client), ipc Session.execute {f['ipc_session']:.2f} ms; "
-                     f"attach/ipc {f['attach'] / f['ipc']:.2f}x")
-        line += f"; cold start to ready: attach {f['attach_cold']:.3f} s"
-        if "ipc_cold" in f:
-            line += f", ipc {f['ipc_cold']:.3f} s (relay adds {f['attach_cold'] - f['ipc_cold']:+.3f} s)"
-        print(line)

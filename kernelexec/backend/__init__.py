@@ -1,1 +1,69 @@
-"""Backends: where a kernel runs and how its Jupyter channels are carried (see :mod:`.base`)."""
+"""Backends: where a kernel runs and how its Jupyter channels are carried (see :mod:`.base`).
+
+The session asks this module for a :class:`~.base.Sandbox` and never names an engine or a
+transport. Today there is one engine API (Docker's, which Docker Desktop and Podman's
+compatible service also speak) and two transports:
+
+* ``ipc``: ZeroMQ unix sockets in a host directory bind-mounted into the container. Fastest;
+  needs the engine on this host and a runtime that shares unix sockets with it (runc).
+* ``attach``: the channels over the container's own attach stream, through a relay that is
+  the container's pid 1. Nothing of the host is mounted; works with remote engines (TCP+TLS,
+  contexts) and with gVisor.
+
+``Policy.transport="auto"`` picks ipc where it works and attach everywhere else;
+:func:`choose_transport` says which and why (``doctor`` and ``ps`` show it).
+"""
+
+from __future__ import annotations
+
+from ..policy import Policy
+from .base import Channels, ChannelsClosed, Sandbox
+
+__all__ = ["Channels", "ChannelsClosed", "Sandbox", "choose_transport", "install_exit_hooks", "new_sandbox",
+           "prepare"]
+
+#: Runtimes that cannot use a unix socket bind-mounted from the host (Debian's runsc has no
+#: --host-uds): their sessions go over attach.
+NO_HOST_SOCKETS = frozenset({"runsc", "kata", "kata-runtime", "io.containerd.kata.v2", "io.containerd.runsc.v1"})
+
+
+def choose_transport(policy: Policy) -> tuple[str, str]:
+    """The transport a session of ``policy`` uses here, and why, in words."""
+    from ..dockerapi import api
+
+    if policy.transport != "auto":
+        return policy.transport, "Policy.transport"
+    endpoint = api().endpoint
+    if not endpoint.is_local:
+        return "attach", f"the engine is remote ({endpoint.describe()})"
+    if policy.runtime in NO_HOST_SOCKETS:
+        return "attach", f"the runtime {policy.runtime!r} cannot share unix sockets with the host"
+    return "ipc", "a local engine with a runtime that shares unix sockets"
+
+
+def new_sandbox(policy: Policy, image: str, key: bytes, session_id: str) -> Sandbox:
+    """A sandbox for one session (not yet created)."""
+    from ..container import ConnectionInfo, IpcSandbox
+
+    conn = ConnectionInfo(key=key, session_id=session_id)
+    transport, _ = choose_transport(policy)
+    if transport == "attach":
+        from .attach.engine import AttachSandbox
+
+        return AttachSandbox(policy, image, conn)
+    return IpcSandbox(policy, image, conn)
+
+
+async def prepare() -> None:
+    """Before a start: remove what dead owners left, retry cleanups that failed."""
+    from ..container import retry_failed_cleanups, startup_gc
+
+    await startup_gc()
+    await retry_failed_cleanups()
+
+
+def install_exit_hooks() -> None:
+    """Remove live sandboxes at exit and on SIGTERM/SIGHUP (see :func:`kernelexec.container.install_exit_hooks`)."""
+    from ..container import install_exit_hooks as install
+
+    install()

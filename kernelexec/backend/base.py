@@ -10,8 +10,12 @@ the peer broke the framing).
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
-__all__ = ["CHANNELS", "ChannelsClosed", "Channels"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..errors import KernelDied
+
+__all__ = ["CHANNELS", "ChannelsClosed", "Channels", "Sandbox"]
 
 #: The channels a client may receive on; it sends on all of them but ``iopub``.
 CHANNELS = ("shell", "control", "stdin", "iopub")
@@ -58,7 +62,65 @@ class Channels(abc.ABC):
         receiving on one stops the kernel's sender (backpressure), it never grows the host."""
 
     @abc.abstractmethod
+    async def wait_closed(self) -> ChannelsClosed:
+        """Returns (does not raise) why the transport ended, once it has.
+
+        A client watches this: some transports (ZeroMQ) learn of a lost peer without a pending
+        ``recv`` ever returning."""
+
+    @abc.abstractmethod
     async def close(self) -> None:
         """Release the transport (its tasks, connections and fds). Idempotent.
 
         Closing the channels does not end the kernel; the sandbox's lifecycle does."""
+
+
+class Sandbox(abc.ABC):
+    """One kernel in one isolated container: what a session needs of a backend, and no more.
+
+    The session never learns the engine, the runtime or the transport: it creates the sandbox,
+    opens its channels, asks why it died, moves files in and out of the working directory, and
+    destroys it. ``destroy()`` is idempotent and leaves nothing on the engine or the host.
+    """
+
+    #: how the channels travel ("ipc", "attach"), for people: ``ps``, ``doctor``, the audit log
+    transport: str = ""
+    #: the engine's id for the container, once created
+    container_id: str | None = None
+    #: uid and gid the kernel runs as (files uploaded are theirs)
+    uid: int = 0
+    gid: int = 0
+    #: channel -> ZeroMQ endpoint on this host, for other Jupyter clients of the same kernel (the
+    #: provisioner); empty when the transport offers none
+    endpoints: dict[str, str] = {}
+    #: the image the container runs
+    image: str = ""
+
+    @abc.abstractmethod
+    async def create(self) -> None:
+        """Everything up to a created, not yet started container."""
+
+    @abc.abstractmethod
+    async def open(self) -> Channels:
+        """Start the kernel and return its channels once they are connected.
+
+        Raises :class:`~kernelexec.errors.SandboxStartError` when the kernel ends first, with what
+        it said. The caller bounds the wait (``Policy.start_timeout``)."""
+
+    @abc.abstractmethod
+    async def death(self, wait: float = 2.0, cause: str | None = None) -> KernelDied:
+        """The typed error for a kernel that went away, with the engine's reason."""
+
+    @abc.abstractmethod
+    async def put_archive(self, path: str, tar: bytes) -> None:
+        """Unpack a tar archive at ``path`` in the container (no host path is mounted)."""
+
+    @abc.abstractmethod
+    async def get_archive(self, path: str, limit: int) -> bytes:
+        """A tar archive of ``path`` in the container, at most ``limit`` bytes.
+
+        Raises FileNotFoundError when there is nothing at ``path``."""
+
+    @abc.abstractmethod
+    async def destroy(self) -> None:
+        """Remove the container and everything made for it. Idempotent."""

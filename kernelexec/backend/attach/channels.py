@@ -149,6 +149,7 @@ class AttachChannels(Channels):
         self._closed = False
         self._exited: ChannelsClosed | None = None  # the relay reported the kernel's exit
         self._violated: ChannelsClosed | None = None  # the kernel broke a bound: not to be resumed
+        self._ended_fut: asyncio.Future[ChannelsClosed] = asyncio.get_running_loop().create_future()
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._hello.add_done_callback(_observe)
         self._resync: tuple[str, asyncio.Future[int], int] | None = None  # nonce, answer, seq due
@@ -203,6 +204,9 @@ class AttachChannels(Channels):
             raise ValueError(f"no channel {channel!r}; one of {', '.join(self._boxes)}")
         return await box.get()
 
+    async def wait_closed(self) -> ChannelsClosed:
+        return await asyncio.shield(self._ended_fut)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -243,6 +247,7 @@ class AttachChannels(Channels):
         self._decoder = Decoder(self.limits, FROM_RELAY)
         self._decoder.hunt()
         self._error = None
+        self._ended_fut = asyncio.get_running_loop().create_future()
         for box in self._boxes.values():
             box.fail(None)
         nonce = secrets.token_hex(8)
@@ -291,6 +296,8 @@ class AttachChannels(Channels):
         if self._error is not None:
             return
         self._error = error
+        if not self._ended_fut.done():
+            self._ended_fut.set_result(error)
         for box in self._boxes.values():
             box.fail(error)
         if not self._hello.done():

@@ -13,30 +13,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
-import socket
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
 from ...container import (
-    LABEL, LABEL_CREATED, LABEL_HOST, LABEL_PID, LABEL_POLICY, LABEL_START, LABEL_VOLUME, LAUNCH_FILE, PORTS,
-    STARTUP_FILE, ConnectionInfo, kernel_launch_source, kernel_startup_source, process_start_ticks,
+    LAUNCH_FILE, PORTS, STARTUP_FILE, ConnectionInfo, DockerSandbox, kernel_launch_source,
+    kernel_startup_source,
 )
-from ...dockerapi import DockerAPI, DockerAPIError, close_stream
+from ...dockerapi import DockerAPI, api, close_stream
 from ...errors import SandboxError
-from ...policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, parse_size, work_volume_options
+from ...policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, parse_size
 from ...sockdir import CONNECTION_FILE
-from .channels import AttachChannels
+from ..base import Channels, ChannelsClosed
+from .channels import AttachChannels, Resync
 from .framing import Limits, encode_boot
 from .relay import BOOTSTRAP
 
-__all__ = ["AttachSandbox", "LABEL_TRANSPORT", "RELAY_DIR", "attach", "boot_message", "bootstrap_command",
+__all__ = ["AttachSandbox", "RELAY_DIR", "attach", "boot_message", "bootstrap_command",
            "create_body", "kernel_argv", "limits_for"]
 
 #: The relay's private directory (a tmpfs): the kernel's files and its ipc sockets.
 RELAY_DIR = SOCKET_MOUNT
-LABEL_TRANSPORT = "kernelexec.transport"
 #: Env the ipc transport's orphan watchdog reads; the relay watches for orphans on this transport.
 _IPC_ONLY_ENV = ("KERNELEXEC_OWNER_SOCKET=", "KERNELEXEC_ORPHAN_TIMEOUT=")
 
@@ -111,69 +108,40 @@ def keepalive_interval(policy: Policy) -> float:
     return min(policy.orphan_timeout / 4, 5.0)
 
 
-class AttachSandbox:
-    """One container on the attach transport: create, start (relay up), re-attach, destroy.
+class AttachSandbox(DockerSandbox):
+    """One container on the attach transport: nothing of the host mounted, the relay as pid 1,
+    the channels over the engine's own attach stream. Works wherever the Engine API reaches (a
+    remote engine over TCP+TLS, Docker Desktop) and under runtimes that cannot share unix
+    sockets with the host (gVisor)."""
 
-    The lifecycle the backend seam will own; here so the transport can be proven end to end.
-    """
-
-    def __init__(self, policy: Policy, image: str, key: bytes, session_id: str, *, uid: int = 10001,
-                 gid: int = 10001, api: DockerAPI | None = None) -> None:
-        self.policy, self.image, self.key, self.session_id = policy, image, key, session_id
-        self.uid, self.gid = uid, gid
-        self.api = api or DockerAPI()
-        self.container_id: str | None = None
-        self.volume: str | None = None
-        self.channels: AttachChannels | None = None
-
-    @property
-    def name(self) -> str:
-        return f"kernelexec-{self.session_id}"
-
-    def labels(self) -> dict[str, str]:
-        pid = os.getpid()
-        return {**self.policy.labels, LABEL: self.session_id, LABEL_PID: str(pid),
-                LABEL_START: process_start_ticks(pid) or "", LABEL_HOST: socket.gethostname(),
-                LABEL_CREATED: datetime.now(timezone.utc).isoformat(timespec="seconds"), LABEL_VOLUME: self.name,
-                LABEL_POLICY: self.policy.to_json(), LABEL_TRANSPORT: "attach"}
+    transport = "attach"
 
     async def create(self) -> None:
         labels = self.labels()
-        self.volume = await self.api.create_volume(
-            self.name, work_volume_options(self.policy, self.uid, self.gid),
-            {k: labels[k] for k in (LABEL, LABEL_PID, LABEL_START, LABEL_HOST)})
-        body = create_body(self.policy, image=self.image, uid=self.uid, gid=self.gid, work_volume=self.volume,
-                           labels=labels)
-        self.container_id = await self.api.create_container(self.name, body)
+        await self._create_container(labels, lambda volume: create_body(
+            self.policy, image=self.image, uid=self.uid, gid=self.gid, work_volume=volume, labels=labels))
 
-    async def start(self, timeout: float | None = None) -> AttachChannels:
+    async def open(self) -> Channels:
         """Attach, start, bootstrap the relay; returns once the relay has started the kernel."""
         assert self.container_id is not None
-        reader, writer = await attach(self.api, self.container_id)
+        reader, writer = await attach(api(), self.container_id)
         try:
-            await self.api.start(self.container_id)
+            await self.start()
         except BaseException:
             await close_stream(writer)
             raise
-        self.channels = await AttachChannels.open(
-            reader, writer, boot_message(self.policy, self.key, self.session_id), limits_for(self.policy),
-            keepalive=keepalive_interval(self.policy), dead_after=self.policy.orphan_timeout,
-            timeout=timeout or self.policy.start_timeout)
-        return self.channels
+        try:
+            channels = await AttachChannels.open(
+                reader, writer, boot_message(self.policy, self.conn.key, self.conn.session_id),
+                limits_for(self.policy), keepalive=keepalive_interval(self.policy),
+                dead_after=self.policy.orphan_timeout, timeout=self.policy.start_timeout)
+        except ChannelsClosed as e:
+            raise await self._start_failed(e.reason, "before it was ready") from e
+        self._channels, self._channels_loop = channels, asyncio.get_running_loop()
+        return channels
 
-    async def reattach(self, timeout: float = 10.0) -> Any:
-        assert self.container_id is not None and self.channels is not None
-        reader, writer = await attach(self.api, self.container_id)
-        return await self.channels.reattach(reader, writer, timeout=timeout)
-
-    async def destroy(self) -> None:
-        if self.channels is not None:
-            await self.channels.close()
-        for what, remove in ((self.container_id, self.api.remove_container), (self.volume, self.api.remove_volume)):
-            if what is None:
-                continue
-            try:
-                await remove(what)
-            except DockerAPIError as e:
-                if e.status != 404:
-                    raise
+    async def reattach(self, timeout: float = 10.0) -> Resync:
+        """Continue on a new attach connection; see :meth:`AttachChannels.reattach`."""
+        assert self.container_id is not None and isinstance(self._channels, AttachChannels)
+        reader, writer = await attach(api(), self.container_id)
+        return await self._channels.reattach(reader, writer, timeout=timeout)
