@@ -79,6 +79,15 @@ def _session(args: argparse.Namespace, **kw: Any) -> Session:
     return Session(image=_image(args), audit_log=args.audit_log, **kw)
 
 
+def _session_policy(args: argparse.Namespace) -> Policy:
+    """The policy a session of these options gets (for what doctor reports)."""
+    if args.profile:
+        from .profiles import profile_policy
+
+        return profile_policy(args.profile)
+    return Policy()
+
+
 def _echo(stream: TextIO) -> Callable[[str], None]:
     """A callback writing kernel output through as it arrives (flushed: a pipe would hold it back)."""
     def write(text: str) -> None:
@@ -511,9 +520,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if not sessions:
         print("no kernelexec sessions")
         return EXIT_OK
-    rows = [["SESSION", "CONTAINER", "STATUS", "OWNER", "HOST", "CREATED", "IMAGE"]]
-    rows += [[s.session_id, s.container_id[:12], s.status, f"{s.owner_pid}{'' if s.owner_alive else ' (gone)'}",
-              s.host, s.created, s.image] for s in sessions]
+    from .dockerapi import api
+
+    print(f"engine: {api().endpoint.describe()}")
+    rows = [["SESSION", "CONTAINER", "STATUS", "TRANSPORT", "RUNTIME", "OWNER", "HOST", "CREATED", "IMAGE"]]
+    rows += [[s.session_id, s.container_id[:12], s.status, s.transport, s.runtime or "default",
+              f"{s.owner_pid}{'' if s.owner_alive else ' (gone)'}", s.host, s.created, s.image] for s in sessions]
     print(_table(rows))
     return EXIT_OK
 
@@ -573,22 +585,36 @@ class Doctor:
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check, in order, what a session needs; say how to fix each thing missing."""
     d = Doctor()
-    local = d.check("DOCKER_HOST is a local unix socket", _check_docker_host)
-    engine = d.check("Docker engine reachable", _check_engine, needs=local)
-    d.check("socket root writable, paths short enough", _check_socket_root)
+    found = d.check("engine endpoint (DOCKER_HOST, DOCKER_CONTEXT, docker contexts)", _check_endpoint)
+    engine = d.check("engine reachable", _check_engine, needs=found)
+    transport = d.check("transport for sessions", lambda: _check_transport(args), needs=found)
+    if transport and _transport(args)[0] == "ipc":
+        d.check("socket root writable, paths short enough", _check_socket_root)
     image = _image(args) or _default_tag()
     present = d.check("kernel image present", lambda: _check_image(image), needs=engine)
-    d.check("ipc sandbox works (start, 1+1, close)", lambda: _check_smoke(args), needs=present)
+    d.check("sandbox works (start, 1+1, close)", lambda: _check_smoke(args), needs=present)
     d.check("gVisor runtime (runsc)", _check_runsc, needs=engine)
     print("all good" if not d.failed else "fix the FAIL lines above, then run `kernelexec doctor` again")
     return EXIT_OK if not d.failed else EXIT_CODE_FAILED
 
 
-def _check_docker_host() -> str:
-    from .dockerapi import socket_path
+def _check_endpoint() -> str:
+    from .dockerapi import api
 
-    path = socket_path()
-    return f"{path} ({'DOCKER_HOST' if os.environ.get('DOCKER_HOST') else 'default'})"
+    endpoint = api().endpoint
+    endpoint.require_supported()
+    return endpoint.describe()
+
+
+def _transport(args: argparse.Namespace) -> tuple[str, str]:
+    from .backend import choose_transport
+
+    return choose_transport(_session_policy(args))
+
+
+def _check_transport(args: argparse.Namespace) -> str:
+    transport, why = _transport(args)
+    return f"{transport}: {why}"
 
 
 class _Absent(Exception):
@@ -627,8 +653,18 @@ def _check_engine() -> str:
     from .container import run_blocking
     from .dockerapi import api
 
-    info = run_blocking(api().version())
-    return f"Docker {info.get('Version', '?')}, API {info.get('ApiVersion', '?')}"
+    version = run_blocking(api().version())
+    info = run_blocking(api().call("GET", "/info", what="engine info"))
+    return f"{_engine_kind(version, info)}, API {version.get('ApiVersion', '?')}, default runtime " \
+           f"{info.get('DefaultRuntime', '?')}"
+
+
+def _engine_kind(version: dict[str, Any], info: dict[str, Any]) -> str:
+    """Docker or Podman, rootless or not, as the engine says of itself."""
+    names = " ".join(str(c.get("Name", "")) for c in version.get("Components") or [] if isinstance(c, dict))
+    kind = "Podman" if "podman" in names.lower() else "Docker"
+    rootless = "name=rootless" in " ".join(info.get("SecurityOptions") or [])
+    return f"{kind} {version.get('Version', '?')}" + (" (rootless)" if rootless else "")
 
 
 def _check_socket_root() -> str:

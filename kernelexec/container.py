@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import errno
+import json
 import logging
 import os
 import signal
@@ -605,6 +606,8 @@ class SessionInfo:
     image: str
     #: "ipc" or "attach" (older sessions carry no label: they were ipc)
     transport: str = "ipc"
+    #: the container runtime (gVisor's "runsc"...), empty for the engine's default
+    runtime: str = ""
 
 
 async def alist_sessions(all_hosts: bool = False) -> list[SessionInfo]:
@@ -623,9 +626,17 @@ async def alist_sessions(all_hosts: bool = False) -> list[SessionInfo]:
             session_id=labels.get(LABEL, ""), container_id=c["Id"], status=c.get("State", ""),
             owner_pid=pid, owner_alive=host == here and pid > 0 and owner_alive(pid, labels.get(LABEL_START) or None),
             host=host, created=labels.get(LABEL_CREATED, ""), image=c.get("Image", ""),
-            transport=labels.get(LABEL_TRANSPORT, "ipc"),
+            transport=labels.get(LABEL_TRANSPORT, "ipc"), runtime=_policy_runtime(labels.get(LABEL_POLICY)),
         ))
     return out
+
+
+def _policy_runtime(label: str | None) -> str:
+    try:
+        runtime = json.loads(label or "{}").get("runtime")
+    except (ValueError, AttributeError):
+        return ""
+    return runtime if isinstance(runtime, str) else ""
 
 
 def list_sessions(all_hosts: bool = False) -> list[SessionInfo]:

@@ -1,8 +1,30 @@
-"""Every error kernelexec raises, in one place.
+"""Every error kernelexec raises, and where each one comes from.
 
-Each message says what happened and what the caller can do about it. Errors
-that end an execution carry ``state_lost`` so that an agent always knows
-whether the variables it built up still exist.
+Each message says what happened and what the caller can do about it. Every
+error carries ``state_lost``: ``True`` when the kernel's variables are gone,
+``False`` when they are known to be intact, ``None`` when the error is not
+about a kernel (a bad argument, an engine that cannot be reached)::
+
+    KernelExecError                     state_lost
+    ├── SessionClosed                   None    the session was used after close()
+    ├── CodeTooLarge (also ValueError)  False   nothing was sent
+    ├── ExecutionTimeout                either  interrupted (False) or replaced (True)
+    ├── PolicyViolation, ProfileError   None    a role's profile refused or is broken (profiles)
+    ├── PoolExhausted, PoolClosed       None    (pool)
+    ├── AuditLogError                   None    a failed audit write; the execution is attached (auditlog)
+    └── SandboxError                            the sandbox, the engine or the kernel misbehaved
+        ├── DockerUnavailable           None    the engine cannot be reached
+        ├── DockerAPIError              None    the engine answered with an HTTP error, mapped once
+        │                                       in the engine client (dockerapi)
+        ├── ImageNotFound, ImageBuildError
+        ├── SandboxStartError           None    the container or its kernel did not come up
+        ├── ProtocolError               True    the kernel broke the protocol or its bounds (hostile)
+        │   └── FramingError                    the attach stream's framing (backend.attach)
+        └── KernelDied                  True    the kernel is gone, with the engine's reason
+            └── SandboxLost                     the container went away under the session
+
+Transports report a lost channel as ``backend.base.ChannelsClosed``; the
+session turns it into ``KernelDied`` with the engine's account.
 """
 
 from __future__ import annotations
@@ -15,6 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class KernelExecError(Exception):
     """Base class of every kernelexec error."""
+
+    #: whether the kernel's state is gone: True, False, or None (not about a kernel)
+    state_lost: bool | None = None
 
 
 class SandboxError(KernelExecError):
@@ -43,6 +68,8 @@ class ProtocolError(SandboxError):
     The kernel runs hostile code and holds the signing key, so a malformed or
     oversized message is treated as an attack: the session is closed.
     """
+
+    state_lost = True
 
 
 class SessionClosed(KernelExecError):
