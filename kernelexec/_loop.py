@@ -1,8 +1,14 @@
-"""The background event loop behind the synchronous API.
+"""The bridge from synchronous code to the async core, in its two forms.
 
-One loop thread per process, shared by every sync ``Session`` and stopped
-when the last one closes, so an idle process keeps no extra thread and a
-leak check sees the thread count return to its baseline.
+* :class:`LoopThread`: one loop thread per process, shared by every sync
+  ``Session`` and pool and stopped when the last one closes, so an idle
+  process keeps no extra thread and a leak check sees the thread count return
+  to its baseline. Objects that live on it (sessions, their channels) are only
+  ever used from it.
+* :func:`run_blocking`: one coroutine on a fresh loop in a fresh thread, for
+  the places that cannot rely on any loop being usable: atexit, a signal
+  handler that may interrupt the loop thread's own user, ``gc`` and the CLI's
+  one-shot calls, from plain scripts and from inside a running loop alike.
 """
 
 from __future__ import annotations
@@ -92,3 +98,26 @@ class LoopThread:
                 log.warning("after Ctrl-C: %s", task.exception())
             raise
         return box[0].result()
+
+
+def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from synchronous code, whatever loop is running here.
+
+    A fresh thread with its own loop works in a plain script, inside a
+    running event loop, and inside a signal handler alike.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as e:  # handed to the caller below
+            error.append(e)
+
+    t = threading.Thread(target=main, name="kernelexec-blocking")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]

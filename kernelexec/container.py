@@ -21,8 +21,9 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
+from ._loop import run_blocking
 from .backend.base import Channels
 from .backend.base import Sandbox as BaseSandbox
 from .dockerapi import DockerAPIError, api, close_stream
@@ -117,29 +118,6 @@ def _sdk_client(ep: Endpoint) -> Any:
             "`systemctl start docker`), check DOCKER_HOST or the Docker context, and run `kernelexec doctor`"
         ) from e
     return c
-
-
-def run_blocking(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion from synchronous code, whatever loop is running here.
-
-    A fresh thread with its own loop works in a plain script, inside a
-    running event loop, and inside a signal handler alike.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            result.append(asyncio.run(coro))
-        except BaseException as e:
-            error.append(e)
-
-    t = threading.Thread(target=main, name="kernelexec-blocking")
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 def process_start_ticks(pid: int) -> str | None:
