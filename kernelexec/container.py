@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, TypeVar
 from ._loop import run_blocking
 from .backend.base import Channels
 from .backend.base import Sandbox as BaseSandbox
-from .dockerapi import DockerAPIError, api, close_stream
+from .dockerapi import DockerAPIError, NotFound, api, close_stream
 from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxLost, SandboxStartError
 from .policy import (
@@ -230,7 +230,7 @@ class DockerSandbox(BaseSandbox):
         try:
             self.container_id = await docker.create_container(self.name, body_for(self.volume))
         except DockerAPIError as e:
-            if e.status == 404 and "image" in e.explanation.lower():
+            if isinstance(e, NotFound) and "image" in e.explanation.lower():
                 raise ImageNotFound(
                     f"the kernel image {self.image!r} is not on this Docker engine. Build it with "
                     "`kernelexec image build` (works offline), or pass Policy(image=...)"
@@ -257,9 +257,9 @@ class DockerSandbox(BaseSandbox):
         assert self.container_id is not None
         try:
             return await api().get_archive(self.container_id, path, limit)
+        except NotFound as e:
+            raise FileNotFoundError(f"{path} does not exist in the sandbox") from e
         except DockerAPIError as e:
-            if e.status == 404:
-                raise FileNotFoundError(f"{path} does not exist in the sandbox") from e
             raise SandboxError(f"the engine did not give {path}: {e.explanation}") from e
 
     def command(self) -> list[str]:
@@ -284,10 +284,8 @@ class DockerSandbox(BaseSandbox):
             return None
         try:
             return dict((await api().inspect(self.container_id))["State"])
-        except DockerAPIError as e:
-            if e.status == 404:
-                return None
-            raise
+        except NotFound:
+            return None
 
     async def death(self, wait: float = 2.0, cause: str | None = None) -> KernelDied:
         """The typed error for a kernel that went away, with Docker's reason.
@@ -302,9 +300,7 @@ class DockerSandbox(BaseSandbox):
             state = await self.inspect_state()
         except asyncio.TimeoutError:
             state = await self.inspect_state()  # still running after `wait` seconds: say what we know
-        except DockerAPIError as e:
-            if e.status != 404:
-                raise
+        except NotFound:
             state = None
         except DockerUnavailable as e:
             return SandboxLost(f"the Docker engine is unreachable ({e}); it may be restarting")
@@ -353,10 +349,9 @@ class DockerSandbox(BaseSandbox):
                 continue
             try:
                 await remove(what)
-            except DockerAPIError as e:
-                if e.status != 404:  # already gone is what we wanted
-                    errors.append(e)
-            except DockerUnavailable as e:
+            except NotFound:
+                pass  # already gone is what we wanted
+            except (DockerAPIError, DockerUnavailable) as e:
                 errors.append(e)
         if self.sockdir is not None:
             try:
@@ -658,9 +653,10 @@ async def agc(*, everything: bool = False) -> GcReport:
         try:
             await docker.remove_container(c["Id"])
             report.containers.append(c["Id"][:12])
+        except NotFound:
+            pass  # removed meanwhile: what gc wanted
         except DockerAPIError as e:
-            if e.status != 404:
-                report.errors.append(f"container {c['Id'][:12]}: {e.explanation}")
+            report.errors.append(f"container {c['Id'][:12]}: {e.explanation}")
         sockdir = labels.get(LABEL_SOCKDIR)
         if sockdir:
             _gc_dir(Path(sockdir), report)
@@ -670,9 +666,10 @@ async def agc(*, everything: bool = False) -> GcReport:
         try:
             await docker.remove_volume(v["Name"])
             report.volumes.append(v["Name"])
+        except NotFound:
+            pass  # removed meanwhile: what gc wanted
         except DockerAPIError as e:
-            if e.status != 404:
-                report.errors.append(f"volume {v['Name']}: {e.explanation}")
+            report.errors.append(f"volume {v['Name']}: {e.explanation}")
     live_dirs = {sb.sockdir.path.name for sb in live_sandboxes() if sb.sockdir}
     for entry in _scan(socket_root()):
         pid = owner_pid_of(entry.name)

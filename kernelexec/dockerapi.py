@@ -20,7 +20,7 @@ from urllib.parse import quote, urlencode
 from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, SandboxError
 
-__all__ = ["DockerAPI", "DockerAPIError", "api", "close_stream", "socket_path"]
+__all__ = ["Conflict", "DockerAPI", "DockerAPIError", "NotFound", "api", "close_stream", "socket_path"]
 
 MIN_API = (1, 41)  # Docker 20.10: CgroupnsMode, Init, Mounts, tmpfs volumes
 MAX_BODY = 16 << 20
@@ -29,12 +29,26 @@ CONNECT_TIMEOUT = 20.0  # TCP connect and TLS handshake; an unreachable host mus
 
 
 class DockerAPIError(SandboxError):
-    """The engine answered with an HTTP error."""
+    """The engine answered with an HTTP error. Raised as :class:`NotFound` or :class:`Conflict`
+    for those statuses (mapped here once, as docker-py does), so callers catch what they mean."""
 
     def __init__(self, status: int, message: str, what: str) -> None:
         self.status = status
         self.explanation = message
         super().__init__(f"{what}: Docker answered {status}: {message}")
+
+    @staticmethod
+    def of(status: int, message: str, what: str) -> DockerAPIError:
+        cls = {404: NotFound, 409: Conflict}.get(status, DockerAPIError)
+        return cls(status, message, what)
+
+
+class NotFound(DockerAPIError):
+    """404: no such container, volume or image (often what a cleanup wanted)."""
+
+
+class Conflict(DockerAPIError):
+    """409: the object is in a state that forbids the call (a name in use, a container running)."""
 
 
 def socket_path(endpoint: Endpoint | None = None) -> str:
@@ -176,7 +190,7 @@ class DockerAPI:
                 message = json.loads(payload).get("message", "")
             except (ValueError, AttributeError):
                 message = payload.decode(errors="replace")[:500]
-            raise DockerAPIError(status, message, what)
+            raise DockerAPIError.of(status, message, what)
         return status, payload, headers
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
@@ -237,10 +251,8 @@ class DockerAPI:
     async def image_exists(self, name: str) -> bool:
         try:
             await self.call("GET", f"/images/{quote(name, safe='')}/json", what=f"inspect image {name}")
-        except DockerAPIError as e:
-            if e.status == 404:
-                return False
-            raise
+        except NotFound:
+            return False
         return True
 
     async def memory_peak(self, cid: str) -> int | None:

@@ -25,7 +25,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Unicode
 
 from .container import PORTS
-from .dockerapi import DockerAPIError, api
+from .dockerapi import NotFound, api
 from .errors import SandboxError
 from .policy import KERNEL_PYTHON, Policy
 from .session import AsyncSession
@@ -56,9 +56,7 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return 0
         try:
             status = await api().wait(self.session.container_id)
-        except DockerAPIError as e:
-            if e.status != 404:
-                raise
+        except NotFound:
             return 0
         return int(status.get("StatusCode", 0))
 
