@@ -214,6 +214,11 @@ class KernelClient:
     def alive(self) -> bool:
         return self._gone is None and self._connected
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the client stopped working, once it has."""
+        return self._gone
+
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
         self._connected = True
@@ -393,6 +398,18 @@ class KernelClient:
     async def interrupt(self, timeout: float) -> None:
         _, fut = await self.request("control", "interrupt_request", {})
         await asyncio.wait_for(fut, timeout)
+
+    async def detach(self) -> None:
+        """Stop the readers and fail what waits, leaving the channels open (a transport that
+        re-attached gets a fresh client on the same channels)."""
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._connected = False
+        if self._gone is None:
+            self._gone = SandboxError("this client was detached from its channels")
+        self._fail(self._gone)
 
     async def close(self) -> None:
         """Stop the readers and release the channels (the kernel's end is the sandbox's business)."""

@@ -8,6 +8,7 @@ about a kernel (a bad argument, an engine that cannot be reached)::
     KernelExecError                     state_lost
     ├── SessionClosed                   None    the session was used after close()
     ├── CodeTooLarge (also ValueError)  False   nothing was sent
+    ├── OutputLost                      False   the transport was lost and re-attached mid-execution
     ├── ExecutionTimeout                either  interrupted (False) or replaced (True)
     ├── PolicyViolation, ProfileError   None    a role's profile refused or is broken (profiles)
     ├── PoolExhausted, PoolClosed       None    (pool)
@@ -74,6 +75,24 @@ class ProtocolError(SandboxError):
 
 class SessionClosed(KernelExecError):
     """The session was used after ``close()``."""
+
+
+class OutputLost(KernelExecError):
+    """The connection to the sandbox was lost during an execution and re-established.
+
+    The kernel kept running and its state survives (``state_lost`` is False), but what this
+    execution printed and returned while nobody was connected is gone, and so is the news of
+    whether it finished. Check the state before running it again if it has side effects.
+    """
+
+    state_lost = False
+
+    def __init__(self, frames_lost: int) -> None:
+        self.frames_lost = frames_lost
+        super().__init__(
+            f"the connection to the sandbox was lost during this execution and re-established "
+            f"({frames_lost} message frame(s) sent meanwhile are lost); the kernel and its state survive, but "
+            "this execution's output and outcome are unknown. Check the state before running it again.")
 
 
 class CodeTooLarge(KernelExecError, ValueError):

@@ -21,11 +21,12 @@ from typing import Any, Callable, Coroutine, NoReturn, TypeVar
 
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
-from .backend import Sandbox, install_exit_hooks, new_sandbox, prepare
+from .backend import ChannelsClosed, Sandbox, install_exit_hooks, new_sandbox, prepare
 from .client import Callbacks, KernelClient, KernelGone
 from .errors import (
     CodeTooLarge,
     ExecutionTimeout,
+    OutputLost,
     ImageNotFound,
     KernelDied,
     ProtocolError,
@@ -245,6 +246,8 @@ class AsyncSession:
         assert self._lock is not None
         async with self._lock:
             client = self._require()
+            if not client.alive:  # the transport went while idle: re-attach if the kernel lives
+                client = await self._revive(client)
             if self._precheck is not None:
                 refusals = self._precheck.check(code)
                 if refusals:
@@ -272,6 +275,10 @@ class AsyncSession:
                     await asyncio.shield(self._on_cancel(client, msg_id, code))
                     raise
             except (KernelGone, ProtocolError) as e:
+                lost = await self._reattach(e) if isinstance(e, KernelGone) else None
+                if lost is not None:
+                    self._log("reattached", code_sha256=code_digest(code), frames_lost=lost)
+                    raise OutputLost(lost) from e
                 died = await self._died(e)
                 self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
                           oom_killed=died.oom_killed, lost=type(died).__name__)
@@ -341,6 +348,39 @@ class AsyncSession:
             died = await self._died(e)
             self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
                       oom_killed=died.oom_killed, lost=type(died).__name__)
+
+    async def _reattach(self, gone: KernelGone) -> int | None:
+        """Recover channels lost while the kernel kept running; frames lost, or None if it cannot."""
+        sandbox, old = self._sandbox, self._client
+        closed = gone.closed
+        if sandbox is None or old is None or not sandbox.can_reattach or closed is None or closed.kernel_exited:
+            return None
+        try:
+            lost = await asyncio.wait_for(sandbox.reattach(), self.policy.start_timeout)
+            await old.detach()
+            assert self._key is not None and sandbox.channels is not None
+            client = KernelClient(self._key, sandbox.channels,
+                                  max_output_bytes=parse_size(self.policy.max_output_bytes))
+            await client.connect()
+            self._client = client
+            await asyncio.wait_for(client.wait_ready(), self.policy.start_timeout)
+        except (ChannelsClosed, KernelGone, ProtocolError, asyncio.TimeoutError) as e:
+            log.warning("session %s: re-attaching failed (%s); the kernel is treated as lost", self.id, e)
+            return None
+        log.warning("session %s: the channels were lost and re-attached; %d frame(s) lost", self.id, lost)
+        return lost
+
+    async def _revive(self, client: KernelClient) -> KernelClient:
+        """A client whose transport went while no execution ran: re-attach, or report the death."""
+        failure = client.failure
+        lost = await self._reattach(failure) if isinstance(failure, KernelGone) else None
+        if lost is not None and self._client is not None:
+            self._log("reattached", frames_lost=lost)
+            return self._client
+        died = await self._died(failure or KernelGone("the kernel's channels closed"))
+        self._log("killed", reason=died.reason, exit_code=died.exit_code, oom_killed=died.oom_killed,
+                  lost=type(died).__name__)
+        raise died
 
     async def _died(self, cause: BaseException) -> KernelDied:
         """Turn a lost connection into KernelDied with Docker's reason, and remember it."""

@@ -357,8 +357,7 @@ def test_garbage_from_the_host_is_a_typed_error_and_reattach_resumes(kernel_imag
             with pytest.raises(ChannelsClosed, match="could not decode what this host sent"):
                 await asyncio.wait_for(k.reply("shell", await k.submit("1")), HANG)
             await k.stop()
-            resync = await sb.reattach(timeout=HANG)
-            assert resync.frames_lost >= 0
+            assert await sb.reattach(timeout=HANG) >= 0
             k2 = Kernel(sb.channels, sb.conn.key)
             try:
                 await k2.ready()
@@ -381,8 +380,8 @@ def test_reattach_after_a_lost_connection_keeps_state(kernel_image: str) -> None
                 await asyncio.wait_for(k.finish(msg_id), HANG)
             await k.stop()
             await asyncio.sleep(1.0)  # the output of the request in flight goes nowhere meanwhile
-            resync = await sb.reattach(timeout=HANG)
-            assert resync.frames_lost > 0  # its output and reply were dropped by the engine, and counted
+            lost = await sb.reattach(timeout=HANG)
+            assert lost > 0  # its output and reply were dropped by the engine, and counted
             k2 = Kernel(sb.channels, sb.conn.key)
             try:
                 await k2.ready()

@@ -96,6 +96,11 @@ class Sandbox(abc.ABC):
     #: the image the container runs
     image: str = ""
 
+    @property
+    def channels(self) -> Channels | None:
+        """The channels :meth:`open` returned, if it has."""
+        return None
+
     @abc.abstractmethod
     async def create(self) -> None:
         """Everything up to a created, not yet started container."""
@@ -124,3 +129,12 @@ class Sandbox(abc.ABC):
     @abc.abstractmethod
     async def destroy(self) -> None:
         """Remove the container and everything made for it. Idempotent."""
+
+    #: whether :meth:`reattach` can recover lost channels with the kernel still running
+    can_reattach: bool = False
+
+    async def reattach(self) -> int:
+        """Reconnect channels that were lost while the kernel kept running; the kernel's state
+        survives. Returns how many frames the kernel sent meanwhile that are lost. Raises
+        :class:`ChannelsClosed` when that is not possible (the kernel exited, the transport cannot)."""
+        raise ChannelsClosed(f"the {self.transport or 'this'} transport cannot re-attach")

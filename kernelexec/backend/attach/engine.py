@@ -25,7 +25,7 @@ from ...errors import SandboxError
 from ...policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, parse_size
 from ...sockdir import CONNECTION_FILE
 from ..base import Channels, ChannelsClosed
-from .channels import AttachChannels, Resync
+from .channels import AttachChannels
 from .framing import Limits, encode_boot
 from .relay import BOOTSTRAP
 
@@ -140,8 +140,14 @@ class AttachSandbox(DockerSandbox):
         self._channels, self._channels_loop = channels, asyncio.get_running_loop()
         return channels
 
-    async def reattach(self, timeout: float = 10.0) -> Resync:
+    can_reattach = True
+
+    async def reattach(self, timeout: float = 10.0) -> int:
         """Continue on a new attach connection; see :meth:`AttachChannels.reattach`."""
         assert self.container_id is not None and isinstance(self._channels, AttachChannels)
-        reader, writer = await attach(api(), self.container_id)
-        return await self._channels.reattach(reader, writer, timeout=timeout)
+        try:
+            reader, writer = await attach(api(), self.container_id)
+        except SandboxError as e:  # the container is gone, or the engine with it
+            raise ChannelsClosed(f"cannot re-attach: {e}") from e
+        resync = await self._channels.reattach(reader, writer, timeout=timeout)
+        return resync.frames_lost
