@@ -263,7 +263,12 @@ class AsyncSession:
                 raise CodeTooLarge(size, limit)
             timeout = self.policy.timeout if timeout is None else timeout
             try:
-                msg_id = await client.submit(code, Callbacks(on_stdout, on_stderr, on_result))
+                callbacks = Callbacks(on_stdout, on_stderr, on_result)
+                try:
+                    msg_id = await client.submit(code, callbacks)
+                except KernelGone:  # the request never reached the kernel: re-attach and send it again
+                    client = await self._revive(client)
+                    msg_id = await client.submit(code, callbacks)
                 try:
                     ex = await client.finish(msg_id, timeout)
                 except asyncio.TimeoutError:
