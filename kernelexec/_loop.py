@@ -87,15 +87,23 @@ class LoopThread:
             box.append(task)
             task.add_done_callback(finished)
 
-        self.loop.call_soon_threadsafe(start)
+        def cancel() -> None:
+            if box:  # callbacks run in order: a scheduled `start` ran before this
+                box[0].cancel()
+            else:  # Ctrl-C came before `start` was scheduled: nothing ran
+                coro.close()
+                done.set()
+
         try:
+            self.loop.call_soon_threadsafe(start)
             done.wait()
         except KeyboardInterrupt:
-            self.loop.call_soon_threadsafe(lambda: box[0].cancel())  # `start` ran first: FIFO
+            # wherever it landed (even before `start` was scheduled), the work is cancelled and its
+            # cancel path awaited: a caller that goes on must not find the session still busy
+            self.loop.call_soon_threadsafe(cancel)
             done.wait()  # a second Ctrl-C leaves from here
-            task = box[0]
-            if not task.cancelled() and task.exception() is not None:
-                log.warning("after Ctrl-C: %s", task.exception())
+            if box and not box[0].cancelled() and box[0].exception() is not None:
+                log.warning("after Ctrl-C: %s", box[0].exception())
             raise
         return box[0].result()
 

@@ -52,6 +52,8 @@ LABEL_SOCKDIR = "kernelexec.sockdir"
 LABEL_VOLUME = "kernelexec.volume"
 LABEL_POLICY = "kernelexec.policy"
 LABEL_TRANSPORT = "kernelexec.transport"
+#: Below this a SIGKILL at start is most likely the memory limit, even when the engine missed the OOM.
+SMALL_MEMORY = 128 << 20
 
 PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 _STDERR_TAIL = 4096
@@ -315,6 +317,11 @@ class DockerSandbox(BaseSandbox):
 
     async def _start_failed(self, said: str, when: str) -> SandboxStartError:
         died = await self.death(2.0)
+        if not died.oom_killed and died.exit_code == 137 and parse_size(self.policy.memory) < SMALL_MEMORY:
+            return SandboxStartError(
+                f"the kernel was killed (SIGKILL) {when}; with Policy.memory={self.policy.memory!r} the likely "
+                "cause is the memory limit (an idle kernel needs about 40 MiB; the engine did not report an OOM "
+                "kill). Raise Policy.memory, e.g. to '256m'")
         if died.oom_killed:
             return SandboxStartError(
                 f"the kernel ran out of memory {when}: Policy.memory={self.policy.memory!r} is too small for "

@@ -247,8 +247,10 @@ def test_ps_shows_a_live_session(kernel_image):
         mine = [r for r in rows if r["session_id"] == s.id]
         assert mine and mine[0]["owner_alive"] and mine[0]["status"] == "running"
         assert mine[0]["container_id"] == s.container_id and mine[0]["owner_pid"] == os.getpid()
-        table = kx("ps", image=kernel_image).stdout
-        assert table.startswith("SESSION") and s.id in table and s.container_id[:12] in table
+        out = kx("ps", image=kernel_image).stdout
+        engine, table = out.split("\n", 1)
+        assert engine.startswith("engine: unix://") and table.startswith("SESSION") and "TRANSPORT" in table
+        assert s.id in table and s.container_id[:12] in table and " ipc " in table
 
 
 OWNER = textwrap.dedent("""

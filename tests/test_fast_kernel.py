@@ -62,10 +62,12 @@ def test_kernel_info_says_what_the_kernel_has(shared_session, stock):
 
 def test_output_from_threads_arrives_whole(shared_session):
     code = """
-import threading
+import sys, threading
 def worker(n):
     for i in range(500):
-        print(f"t{n}-{i}")
+        # one write per line: print() writes the text and the newline separately, and another thread
+        # may write between them (in a terminal too), which is not what this test is about
+        sys.stdout.write(f"t{n}-{i}\n")
 threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()

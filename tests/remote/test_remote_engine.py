@@ -242,9 +242,9 @@ def test_a_docker_context_made_by_the_cli_is_honoured(remote_engine, tmp_path):
 
 
 def test_an_ipc_sandbox_on_a_remote_engine_is_refused_clearly(remote_engine, kernel_image):
-    """Until a transport carries sessions there, the bind-mounting sandbox says why it cannot run."""
+    """The bind-mounting transport, asked for by name, says why it cannot run there (auto picks attach)."""
     code = ("from kernelexec import Policy, Session\n"
-            f"Session(Policy(image={kernel_image!r})).execute('1')\n")
+            f"Session(Policy(image={kernel_image!r}, transport='ipc')).execute('1')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                        env={**os.environ, **remote_engine.env})
     assert p.returncode != 0
