@@ -67,7 +67,7 @@ def worker(n):
     for i in range(500):
         # one write per line: print() writes the text and the newline separately, and another thread
         # may write between them (in a terminal too), which is not what this test is about
-        sys.stdout.write(f"t{n}-{i}\n")
+        sys.stdout.write(f"t{n}-{i}\\n")
 threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()
