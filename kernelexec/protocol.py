@@ -149,3 +149,33 @@ def parse(signer: Signer, frames: Sequence[bytes]) -> Message:
     if not isinstance(header.get("msg_type"), str):
         raise ProtocolError("the kernel sent a message header without a msg_type")
     return Message(header, parent, metadata, content, [bytes(b) for b in rest[5:]])
+
+
+#: The longest msg_id routed between clients that share one kernel (uuid4 hex is 32 characters).
+MAX_MSG_ID = 256
+
+
+def delimiter_index(frames: Sequence[bytes]) -> int:
+    """Where a message's routing identities end: the index of ``<IDS|MSG>``, at most
+    :data:`MAX_IDENTITIES` frames in, as :func:`parse` looks for it."""
+    try:
+        return list(frames[: MAX_IDENTITIES + 1]).index(DELIM)
+    except ValueError:
+        raise ProtocolError(f"a message without the <IDS|MSG> delimiter in its first {MAX_IDENTITIES + 1} "
+                            "frames") from None
+
+
+def peek_msg_id(frames: Sequence[bytes], *, parent: bool) -> str | None:
+    """The msg_id of a message's header (``parent=False``) or parent header, to route it.
+
+    Bounded as :func:`parse` is (delimiter position, frame count, JSON nesting); the signature is
+    not checked, the client the message is routed to checks it. ``None`` when there is no msg_id,
+    or it is not a string of 1 to :data:`MAX_MSG_ID` characters. Raises :class:`ProtocolError`."""
+    idx = delimiter_index(frames)
+    after = len(frames) - idx - 1
+    if not 5 <= after <= 5 + MAX_BUFFERS:
+        raise ProtocolError(f"a message with {after} frames after the delimiter; 5 to {5 + MAX_BUFFERS} allowed")
+    what = "parent header" if parent else "header"
+    obj = _load(bytes(frames[idx + (3 if parent else 2)]), what)
+    msg_id = obj.get("msg_id")
+    return msg_id if isinstance(msg_id, str) and 0 < len(msg_id) <= MAX_MSG_ID else None

@@ -4,46 +4,72 @@ papermill start their kernels inside kernelexec sandboxes.
     kernelexec kernelspec install        # a "kernelexec" kernel appears in Jupyter
 
 The provisioner starts a session (container, verified sockets, orphan
-watchdog) and hands the KernelManager connection info whose ``ip`` is a
-host-only directory of symlinks to ``/proc/self/fd/N``: Jupyter's own
-clients then reach exactly the sockets kernelexec verified, never a path
-the container could swap. Interrupts are protocol messages; restart gives a
-fresh container; shutdown removes everything.
+watchdog) and hands the KernelManager connection info for host-only sockets:
+
+* over ipc, ``ip`` is a private directory of symlinks to ``/proc/self/fd/N``:
+  Jupyter's own clients then reach exactly the sockets kernelexec verified,
+  never a path the container could swap;
+* over attach (remote engines, gVisor), the kernel has no socket on this
+  host: a :class:`~kernelexec.backend.bridge.JupyterBridge` binds them in a
+  private directory and carries them over the session's shared channels.
+
+The session (and the bridge) run on kernelexec's own loop thread, not on the
+caller's loop: a blocking ``KernelManager`` runs its loop only during its
+calls, and the attach transport's keepalives and the bridge must run between
+them. Interrupts are protocol messages; restart gives a fresh container;
+shutdown removes everything (container, directory, sockets, tasks, thread).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Unicode
 
+from ._loop import LoopThread
+from .backend import install_exit_hooks
 from .container import PORTS
 from .dockerapi import NotFound, api
 from .errors import SandboxError
-from .policy import KERNEL_PYTHON, Policy
+from .policy import KERNEL_PYTHON, Policy, parse_size
 from .session import AsyncSession
 from .sockdir import SOCKET_BASENAME, private_dir, remove_path
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .backend.bridge import JupyterBridge
+
 KERNEL_NAME = "kernelexec"
+T = TypeVar("T")
 
 
 class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     image = Unicode(None, allow_none=True, config=True, help="kernel image (default: the recipe's tag)")
     profile = Unicode(None, allow_none=True, config=True, help="named policy from the profile file")
+    transport = Unicode(None, allow_none=True, config=True,
+                        help="how the host reaches the kernel: auto, ipc or attach (Policy.transport)")
 
     session: AsyncSession | None = None
     links: Path | None = None
+    bridge: JupyterBridge | None = None  # on a transport that offers no endpoints (attach)
+    _thread: LoopThread | None = None
 
     @property
     def has_process(self) -> bool:
         return self.session is not None
+
+    async def _on_loop(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on kernelexec's loop thread, where the session lives."""
+        assert self._thread is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._thread.loop))
 
     async def poll(self) -> int | None:
         if self.session is None:
@@ -64,7 +90,7 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self.session is None:
             return
         if signum == signal.SIGINT:
-            await self.session.interrupt()
+            await self._on_loop(self.session.interrupt())
         elif signum in (signal.SIGTERM, signal.SIGKILL):
             await self.kill()
         else:
@@ -72,17 +98,23 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def kill(self, restart: bool = False) -> None:
         session, self.session = self.session, None
-        if session is not None:
-            await session.close()
+        bridge, self.bridge = self.bridge, None
+        if session is not None or bridge is not None:
+            await self._on_loop(_close(session, bridge))
 
     async def terminate(self, restart: bool = False) -> None:
         await self.kill(restart)
 
     async def cleanup(self, restart: bool = False) -> None:
-        await self.kill(restart)
-        links, self.links = self.links, None
-        if links is not None:
-            remove_path(links)
+        try:
+            await self.kill(restart)
+        finally:
+            links, self.links = self.links, None
+            if links is not None:
+                remove_path(links)
+            if self._thread is not None:
+                self._thread = None
+                LoopThread.release()
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         # the kernelspec's argv and a host connection file mean nothing here: the sandbox brings its own
@@ -90,27 +122,37 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return await super().pre_launch(cmd=[KERNEL_PYTHON], **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        policy = Policy(image=self.image) if self.image else None
-        session = AsyncSession(policy, profile=self.profile)
-        await session.start()
-        self.session = session
-        if not session.endpoints:
-            await session.close()
-            self.session = None
-            raise RuntimeError(
-                f"this sandbox's kernel is reached over the {session.transport} transport, which offers Jupyter "
-                "clients no sockets on this host yet; use a local engine with runc (Policy.transport='ipc') "
-                "for JupyterLab, nbclient and papermill")
-        self.links = private_dir()
-        for channel, port in PORTS.items():
-            os.symlink(session.endpoints[channel].removeprefix("ipc://"), self.links / f"{SOCKET_BASENAME}-{port}")
+        install_exit_hooks()  # from the caller's thread: the session starts on the loop thread
+        fields: dict[str, Any] = {k: v for k, v in (("image", self.image), ("transport", self.transport)) if v}
+        policy = Policy(**fields) if fields else None  # unset fields stay the profile's
+        acquired = self._thread is None
+        if acquired:
+            self._thread = LoopThread.acquire()
+        try:
+            session, bridge = await self._on_loop(_open(policy, self.profile))
+        except BaseException:
+            if acquired:  # no cleanup() follows a failed launch
+                self._thread = None
+                LoopThread.release()
+            raise
+        self.session, self.bridge = session, bridge
         assert session.key is not None
-        self.connection_info = {
-            "transport": "ipc", "ip": str(self.links / SOCKET_BASENAME),
-            **{f"{c}_port": p for c, p in PORTS.items()},
-            "key": session.key, "signature_scheme": "hmac-sha256", "kernel_name": KERNEL_NAME,
+        if bridge is not None:
+            ip = bridge.connection_info["ip"]
+        else:
+            self.links = private_dir()
+            for channel, port in PORTS.items():
+                os.symlink(session.endpoints[channel].removeprefix("ipc://"),
+                           self.links / f"{SOCKET_BASENAME}-{port}")
+            ip = str(self.links / SOCKET_BASENAME)
+        info: KernelConnectionInfo = {
+            "transport": "ipc", "ip": ip, "shell_port": PORTS["shell"], "iopub_port": PORTS["iopub"],
+            "stdin_port": PORTS["stdin"], "control_port": PORTS["control"], "hb_port": PORTS["hb"],
+            # bytes, as KernelManager.get_connection_info() gives it back: launch_kernel's info must equal it
+            "key": session.key, "signature_scheme": "hmac-sha256", "kernel_name": KERNEL_NAME,  # type: ignore[typeddict-item]
         }
-        return self.connection_info
+        self.connection_info = info
+        return info
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()
@@ -118,8 +160,34 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return info
 
 
-def kernelspec(image: str | None = None, profile: str | None = None) -> dict[str, Any]:
-    config = {k: v for k, v in (("image", image), ("profile", profile)) if v}
+async def _open(policy: Policy | None, profile: str | None) -> tuple[AsyncSession, JupyterBridge | None]:
+    """A started session, and the Jupyter bridge to it when its transport offers no endpoints."""
+    session = AsyncSession(policy, profile=profile, share_channels=True)
+    try:
+        await session.start()
+        if session.endpoints:
+            return session, None
+        from .backend.bridge import JupyterBridge
+
+        bridge = await JupyterBridge.open(session.open_channels(),
+                                          max_message_bytes=parse_size(session.policy.max_message_bytes))
+        return session, bridge
+    except BaseException:
+        await session.close()
+        raise
+
+
+async def _close(session: AsyncSession | None, bridge: JupyterBridge | None) -> None:
+    try:
+        if bridge is not None:
+            await bridge.close()
+    finally:
+        if session is not None:
+            await session.close()
+
+
+def kernelspec(image: str | None = None, profile: str | None = None, transport: str | None = None) -> dict[str, Any]:
+    config = {k: v for k, v in (("image", image), ("profile", profile), ("transport", transport)) if v}
     return {
         # absolute in-image path: jupyter_client rewrites a bare `python` to the host's interpreter
         "argv": [KERNEL_PYTHON, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -131,11 +199,12 @@ def kernelspec(image: str | None = None, profile: str | None = None) -> dict[str
 
 
 def install_kernelspec(*, user: bool = True, prefix: str | None = None, image: str | None = None,
-                       profile: str | None = None) -> str:
+                       profile: str | None = None, transport: str | None = None) -> str:
+    """Install the "kernelexec" kernelspec; ``transport`` pins ``Policy.transport`` (default: auto)."""
     from jupyter_client.kernelspec import KernelSpecManager
 
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "kernel.json").write_text(json.dumps(kernelspec(image, profile), indent=2))
+        (Path(tmp) / "kernel.json").write_text(json.dumps(kernelspec(image, profile, transport), indent=2))
         return str(KernelSpecManager().install_kernel_spec(tmp, KERNEL_NAME, user=user and prefix is None,
                                                            prefix=prefix))
 

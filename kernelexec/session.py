@@ -17,7 +17,7 @@ import secrets
 import tarfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Coroutine, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, NoReturn, TypeVar
 
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
@@ -40,6 +40,9 @@ from .profiles import profile_policy, within
 from .protocol import new_key
 from .results import ErrorInfo, Execution, MimeBundle, Stream
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .backend.fanout import ChannelHub, SharedChannels
+
 log = logging.getLogger("kernelexec")
 T = TypeVar("T")
 
@@ -61,12 +64,16 @@ class AsyncSession:
         audit_log: str | os.PathLike[str] | AuditLog | None = None,
         precheck: CodePolicy | None = None,
         auto_restart: bool = False,
+        share_channels: bool = False,
     ) -> None:
         """``auto_restart``: when the kernel dies, start a fresh one at once (the
         KernelDied raised says so with ``restarted=True``), so the next call works.
         ``profile`` names a role's policy (see :mod:`kernelexec.profiles`); a ``policy``
         given with it may only tighten it. ``audit_log`` is a JSON-lines file (default
-        ``$KERNELEXEC_AUDIT_LOG``). ``precheck`` refuses code before it runs."""
+        ``$KERNELEXEC_AUDIT_LOG``). ``precheck`` refuses code before it runs.
+        ``share_channels``: let other clients reach this kernel too where the transport offers
+        them no sockets (attach), see :meth:`open_channels`; the Jupyter provisioner does. It costs
+        a hop per message, so it is off by default."""
         if profile is not None:
             ceiling = profile_policy(profile, profiles_file)
             policy = within(policy, ceiling, role=profile) if policy is not None else ceiling
@@ -76,6 +83,8 @@ class AsyncSession:
         self._audit = open_audit_log(audit_log)
         self._precheck = precheck
         self.auto_restart = auto_restart
+        self._share_channels = share_channels
+        self._hub: ChannelHub | None = None
         #: every execution of this session, in order (for ``to_notebook``); restarts included.
         #: Bounded by ``policy.max_history_bytes``: past it the oldest lose their outputs
         #: (``outputs_dropped``), so hostile output cannot grow the host for the session's life.
@@ -164,6 +173,11 @@ class AsyncSession:
             raise
         channels = await sandbox.open()
         self.endpoints = dict(sandbox.endpoints)
+        if self._share_channels and not self.endpoints:
+            from .backend.fanout import ChannelHub
+
+            self._hub = ChannelHub(channels)
+            channels = self._hub.owner
         client = KernelClient(key, channels, max_output_bytes=parse_size(self.policy.max_output_bytes))
         self._client = client
         await client.connect()
@@ -192,9 +206,12 @@ class AsyncSession:
 
     async def _teardown(self) -> None:
         client, self._client = self._client, None
+        hub, self._hub = self._hub, None
         sandbox, self._sandbox = self._sandbox, None
         if client is not None:
             await client.close()
+        if hub is not None:
+            await hub.close()  # closed with the client's channels already, unless the client never came
         if sandbox is not None:
             await sandbox.destroy()
 
@@ -416,6 +433,17 @@ class AsyncSession:
             ) from None
         except (KernelGone, ProtocolError) as e:
             raise await self._died(e) from e
+
+    def open_channels(self) -> SharedChannels:
+        """Channels of another client of this kernel, beside the session's own: iopub reaches both,
+        each reply the client that asked. For Jupyter's clients where the transport offers no sockets
+        on this host (see :mod:`kernelexec.backend.bridge`); close them when done. Needs
+        ``share_channels=True``; where there are :attr:`endpoints`, connect to those instead."""
+        self._require()
+        if self._hub is None:
+            raise SandboxError("this session's channels are not shared: create it with share_channels=True"
+                               + (" (its kernel has endpoints: connect to those)" if self.endpoints else ""))
+        return self._hub.join()
 
     # -- is_complete (issue 11, REPL continuation lines) ------------------------------
 

@@ -1,15 +1,20 @@
 """The Jupyter kernel provisioner: nbclient, papermill and a KernelManager start
-their kernels in kernelexec sandboxes, with interrupt, restart and shutdown."""
+their kernels in kernelexec sandboxes, with interrupt, restart and shutdown, on
+both transports: ipc (Jupyter connects to the kernel's verified sockets) and
+attach (Jupyter connects to the bridge's host-local sockets)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
+import threading
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.manager import AsyncKernelManager, KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError
 
@@ -20,14 +25,36 @@ from ..conftest import leftovers
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
+@pytest.fixture(params=["ipc", "attach"])
+def transport(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def kernelspec_prefix(tmp_path, kernel_image, monkeypatch):
+def kernelspec_prefix(tmp_path, kernel_image, monkeypatch, transport):
     prefix = tmp_path / "prefix"
-    install_kernelspec(prefix=str(prefix), image=kernel_image)
+    install_kernelspec(prefix=str(prefix), image=kernel_image, transport=transport)
     monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
     spec = json.loads((prefix / "share" / "jupyter" / "kernels" / "kernelexec" / "kernel.json").read_text())
     assert spec["argv"][0] == "/opt/kernel/bin/python"
+    assert spec["metadata"]["kernel_provisioner"]["config"]["transport"] == transport
     return prefix
+
+
+def check_sandbox(docker, provisioner, transport: str) -> None:
+    """The kernel runs on the transport asked for; over attach nothing of the host is mounted, and
+    Jupyter's sockets are the bridge's, in a private directory."""
+    session = provisioner.session
+    assert session.transport == transport
+    mounts = docker.api.inspect_container(session.container_id)["Mounts"]
+    ip = Path(provisioner.connection_info["ip"])
+    if transport == "attach":
+        assert [m for m in mounts if m["Type"] == "bind"] == []
+        assert provisioner.bridge is not None and ip.parent == provisioner.bridge.directory
+        assert stat.S_IMODE(os.stat(ip.parent).st_mode) == 0o700
+        assert all(stat.S_ISSOCK(os.stat(f"{ip}-{p}").st_mode) for p in range(1, 6))
+    else:
+        assert provisioner.bridge is None and ip.parent == provisioner.links
 
 
 def test_nbclient_runs_every_notebook_in_a_sandbox(docker, kernelspec_prefix):
@@ -63,28 +90,117 @@ def test_interrupt_by_timeout_then_keep_going(kernelspec_prefix):
     assert nb.cells[1].outputs[-1]["ename"] == "KeyboardInterrupt"
 
 
-def test_kernel_manager_restart_and_shutdown(docker, kernelspec_prefix):
+def test_kernel_manager_restart_and_shutdown(docker, kernelspec_prefix, transport):
     before = leftovers(docker)
+    threads = threading.active_count()
 
-    async def main() -> tuple[str, str]:
+    async def main() -> tuple[str, str, str]:
         km = AsyncKernelManager(kernel_name="kernelexec")
         await km.start_kernel()
+        check_sandbox(docker, km.provisioner, transport)
+        first_dir = Path(km.provisioner.connection_info["ip"]).parent
         kc = km.client()
         kc.start_channels()
         await kc.wait_for_ready(timeout=60)
         first = (await kc.execute_interactive("y = 5; print(y)", timeout=30))["content"]["status"]
+        # stdin: the kernel's input_request reaches this client, and its answer the kernel
+        out: list[str] = []
+        await kc.execute_interactive(
+            "print('got', input('name? '))", timeout=30, allow_stdin=True, stdin_hook=lambda m: kc.input("ada"),
+            output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
         await km.restart_kernel()
+        assert not first_dir.exists()
+        check_sandbox(docker, km.provisioner, transport)
         kc.stop_channels()
         kc = km.client()
         kc.start_channels()
         await kc.wait_for_ready(timeout=60)
-        out: list[str] = []
+        after: list[str] = []
         reply = await kc.execute_interactive(
             "print('y' in dir())", timeout=30,
-            output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+            output_hook=lambda m: after.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
         kc.stop_channels()
         await km.shutdown_kernel()
-        return first, "".join(out).strip() + reply["content"]["status"]
+        return first, "".join(out).strip(), "".join(after).strip() + reply["content"]["status"]
 
-    assert asyncio.run(main()) == ("ok", "Falseok")
+    assert asyncio.run(main()) == ("ok", "got ada", "Falseok")
+    assert leftovers(docker) == before
+    assert threading.active_count() == threads  # kernelexec's loop thread is gone with its last kernel
+
+
+def test_blocking_kernel_manager_between_calls(docker, kernelspec_prefix, transport):
+    """A blocking KernelManager (``jupyter console``) runs its event loop only during its own calls:
+    the kernel must stay reachable between them (the session and the bridge have their own loop)."""
+    before = leftovers(docker)
+    km = KernelManager(kernel_name="kernelexec")
+    km.start_kernel()
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            out: list[str] = []
+            reply = kc.execute_interactive(
+                "print(6 * 7)", timeout=30,
+                output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+            assert (reply["content"]["status"], "".join(out).strip()) == ("ok", "42")
+            assert km.is_alive()
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+    assert leftovers(docker) == before
+
+
+def test_the_session_and_a_jupyter_client_share_one_kernel_over_attach(docker, kernel_image):
+    """The bridge beside the session's own client: each gets its own replies and outputs, state is
+    one kernel's, the session's interrupt reaches the Jupyter client's cell; closing leaves nothing."""
+    from jupyter_client.asynchronous import AsyncKernelClient
+
+    from kernelexec import AsyncSession, Policy
+    from kernelexec.backend.bridge import JupyterBridge
+
+    before = leftovers(docker)
+
+    async def main() -> tuple[str, str, str, str]:
+        async with AsyncSession(Policy(image=kernel_image, transport="attach"), share_channels=True) as s:
+            assert s.transport == "attach" and not s.endpoints
+            bridge = await JupyterBridge.open(s.open_channels(), max_message_bytes=1 << 24)
+            kc = AsyncKernelClient()
+            try:
+                kc.load_connection_info({**bridge.connection_info, "key": s.key.decode(),
+                                         "signature_scheme": "hmac-sha256"})
+                kc.start_channels()
+                await kc.wait_for_ready(timeout=60)
+                await s.execute("x = 41")
+                seen: list[str] = []
+                started = asyncio.Event()
+
+                def hook(m: dict) -> None:
+                    if m["msg_type"] == "stream":
+                        seen.append(m["content"]["text"])
+                        started.set()
+                    elif m["msg_type"] == "error":
+                        seen.append(m["content"]["ename"])
+
+                theirs = asyncio.create_task(kc.execute_interactive(
+                    "import time; time.sleep(1); print('jupyter', x)", timeout=60, output_hook=hook))
+                mine = await s.execute("print('session', x + 1)")
+                await theirs
+                jupyter_out = "".join(seen).strip()
+                seen.clear()
+                started.clear()
+                stuck = asyncio.create_task(kc.execute_interactive(
+                    "print('sleeping', flush=True); time.sleep(60)", timeout=60, output_hook=hook))
+                await asyncio.wait_for(started.wait(), 60)
+                await s.interrupt()
+                reply = await stuck
+                return mine.stdout.strip(), jupyter_out, reply["content"]["status"], seen[-1]
+            finally:
+                kc.stop_channels()
+                directory = bridge.directory
+                await bridge.close()
+                assert not directory.exists()
+
+    assert asyncio.run(main()) == ("session 42", "jupyter 41", "error", "KeyboardInterrupt")
     assert leftovers(docker) == before

@@ -229,7 +229,9 @@ def main(boot: dict[str, Any]) -> None:
         if channel == framing.IOPUB:
             s.setsockopt(zmq.SUBSCRIBE, b"")
         else:
-            s.setsockopt(zmq.IDENTITY, f"kernelexec-relay-{name}".encode())
+            # one identity on shell and stdin, as Jupyter clients have: the kernel sends an
+            # input_request on stdin to the identity its execute_request came from on shell
+            s.setsockopt(zmq.IDENTITY, b"kernelexec-relay")
             s.setsockopt(zmq.SNDHWM, 0)  # the host bounds what it sends; never block the loop on it
         sockets[channel] = s
         monitors[s.get_monitor_socket(zmq.EVENT_DISCONNECTED)] = name
