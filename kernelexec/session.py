@@ -377,6 +377,8 @@ class AsyncSession:
         closed = gone.closed
         if sandbox is None or old is None or not sandbox.can_reattach or closed is None or closed.kernel_exited:
             return None
+        if self._hub is not None:  # other clients share these channels: not recovered under them (yet)
+            return None
         try:
             lost = await asyncio.wait_for(sandbox.reattach(), self.policy.start_timeout)
             await old.detach()
