@@ -17,10 +17,11 @@ import signal
 import socket
 import struct
 import threading
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from .backend.base import Channels
 from .backend.base import Sandbox as BaseSandbox

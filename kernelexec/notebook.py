@@ -7,7 +7,8 @@ the agent saw. Each cell's metadata links it to the audit log (code SHA-256).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 from nbformat import NotebookNode

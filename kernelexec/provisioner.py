@@ -34,7 +34,7 @@ from .sockdir import SOCKET_BASENAME, private_dir, remove_path
 KERNEL_NAME = "kernelexec"
 
 
-class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class KernelExecProvisioner(KernelProvisionerBase):
     image = Unicode(None, allow_none=True, config=True, help="kernel image (default: the recipe's tag)")
     profile = Unicode(None, allow_none=True, config=True, help="named policy from the profile file")
 
@@ -109,8 +109,11 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         assert session.key is not None
         self.connection_info = {
             "transport": "ipc", "ip": str(self.links / SOCKET_BASENAME),
-            **{f"{c}_port": p for c, p in PORTS.items()},
-            "key": session.key, "signature_scheme": "hmac-sha256", "kernel_name": KERNEL_NAME,
+            "shell_port": PORTS["shell"], "iopub_port": PORTS["iopub"], "stdin_port": PORTS["stdin"],
+            "control_port": PORTS["control"], "hb_port": PORTS["hb"],
+            # bytes, as jupyter_client's own LocalProvisioner gives it (get_connection_info); its TypedDict says str
+            "key": session.key,  # type: ignore[typeddict-item]
+            "signature_scheme": "hmac-sha256", "kernel_name": KERNEL_NAME,
         }
         return self.connection_info
 

@@ -16,12 +16,13 @@ import os
 import secrets
 import tarfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Coroutine, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
-from .backend import Sandbox, install_exit_hooks, new_sandbox, prepare
+from .backend import Backend, Sandbox, default_backend
 from .client import Callbacks, KernelClient, KernelGone
 from .errors import (
     CodeTooLarge,
@@ -60,12 +61,14 @@ class AsyncSession:
         audit_log: str | os.PathLike[str] | AuditLog | None = None,
         precheck: CodePolicy | None = None,
         auto_restart: bool = False,
+        backend: Backend | None = None,
     ) -> None:
         """``auto_restart``: when the kernel dies, start a fresh one at once (the
         KernelDied raised says so with ``restarted=True``), so the next call works.
         ``profile`` names a role's policy (see :mod:`kernelexec.profiles`); a ``policy``
         given with it may only tighten it. ``audit_log`` is a JSON-lines file (default
-        ``$KERNELEXEC_AUDIT_LOG``). ``precheck`` refuses code before it runs."""
+        ``$KERNELEXEC_AUDIT_LOG``). ``precheck`` refuses code before it runs.
+        ``backend`` makes the sandboxes (default: the Docker engine's; see :mod:`kernelexec.backend`)."""
         if profile is not None:
             ceiling = profile_policy(profile, profiles_file)
             policy = within(policy, ceiling, role=profile) if policy is not None else ceiling
@@ -75,6 +78,7 @@ class AsyncSession:
         self._audit = open_audit_log(audit_log)
         self._precheck = precheck
         self.auto_restart = auto_restart
+        self.backend = backend or default_backend()
         #: every execution of this session, in order (for ``to_notebook``); restarts included.
         #: Bounded by ``policy.max_history_bytes``: past it the oldest lose their outputs
         #: (``outputs_dropped``), so hostile output cannot grow the host for the session's life.
@@ -131,7 +135,7 @@ class AsyncSession:
             self._lock = asyncio.Lock()
         if self._sandbox is not None:
             return
-        install_exit_hooks()  # here, on the caller's thread: it may be the main one
+        self.backend.install_exit_hooks()  # here, on the caller's thread: it may be the main one
         try:
             await asyncio.wait_for(self._start(), self.policy.start_timeout)
             self._log("created", container=self.container_id, image=self._sandbox.image if self._sandbox else None,
@@ -149,10 +153,10 @@ class AsyncSession:
             raise
 
     async def _start(self) -> None:
-        await prepare()
+        await self.backend.prepare()
         image = self._image or _default_image()
         self._key = key = new_key()
-        sandbox = new_sandbox(self.policy, image, key, self.id)
+        sandbox = self.backend.new_sandbox(self.policy, image, key, self.id)
         self._sandbox = sandbox
         try:
             await sandbox.create()
@@ -314,6 +318,7 @@ class AsyncSession:
 
     async def _on_timeout(self, client: KernelClient, msg_id: str, timeout: float, code: str) -> NoReturn:
         grace = self.policy.interrupt_grace
+        partial: Execution | None
         try:
             await client.interrupt(grace)
             partial = await client.finish(msg_id, grace)
@@ -536,10 +541,12 @@ class Session:
         audit_log: str | os.PathLike[str] | AuditLog | None = None,
         precheck: CodePolicy | None = None,
         auto_restart: bool = False,
+        backend: Backend | None = None,
     ) -> None:
         self._async = AsyncSession(policy, image=image, profile=profile, profiles_file=profiles_file,
-                                   audit_log=audit_log, precheck=precheck, auto_restart=auto_restart)
-        install_exit_hooks()  # from the caller's thread: the sandbox is made on the loop thread
+                                   audit_log=audit_log, precheck=precheck, auto_restart=auto_restart,
+                                   backend=backend)
+        self._async.backend.install_exit_hooks()  # from the caller's thread: the sandbox is made on the loop thread
         self._loop = LoopThread.acquire()
         self._owns_loop = True
         self._closed = False
