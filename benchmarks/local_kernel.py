@@ -1,38 +1,34 @@
 """An ipykernel on the host, no container, driven by kernelexec's own client: the floor.
 
-Same connection kind (ZeroMQ over ipc), same kernel flags as a session, same
-client code; only the container and its hardening are missing.
+Same connection kind (ZeroMQ over ipc), same kernel flags as a session, same client code; only the
+container and its hardening are missing. The kernel is :class:`kernelexec.backend.local.LocalSandbox`
+(the fast test tier's backend); this module keeps the benchmarks' face of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
+import secrets
 import subprocess
 import sys
-import tempfile
-import uuid
-from pathlib import Path
 from types import TracebackType
 
-from kernelexec import kernel_launch
-from kernelexec.backend.ipc import ZmqChannels
+from kernelexec import Policy
+from kernelexec.backend.local import LocalSandbox
 from kernelexec.client import KernelClient
-from kernelexec.sockdir import wait_for_paths
-
-PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
-FLAGS = ["--HistoryManager.hist_file=:memory:", "--IPKernelApp.quiet=True"]
+from kernelexec.policy import parse_size
+from kernelexec.protocol import new_key
 
 
 class LocalKernel:
-    """``fast=False``: ``python -m ipykernel_launcher``; ``True``: kernelexec's launcher."""
+    """``fast=False``: ``python -m ipykernel_launcher``; ``True``: kernelexec's launcher.
+
+    Without kernelexec's kernel-side startup code, as the floor has always been measured."""
 
     def __init__(self, fast: bool) -> None:
         self.fast = fast
-        self.dir = Path(tempfile.mkdtemp(prefix="kx-bench-"))
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.sandbox: LocalSandbox | None = None
         self.client: KernelClient | None = None
 
     async def __aenter__(self) -> LocalKernel:
@@ -48,20 +44,15 @@ class LocalKernel:
         await self.close()
 
     async def start(self) -> None:
-        key = uuid.uuid4().hex
-        conn = {"transport": "ipc", "ip": str(self.dir / "k"), **{f"{c}_port": p for c, p in PORTS.items()},
-                "key": key, "signature_scheme": "hmac-sha256", "kernel_name": ""}
-        (self.dir / "conn.json").write_text(json.dumps(conn))
-        main = [kernel_launch.__file__] if self.fast else ["-m", "ipykernel_launcher"]
-        self.proc = subprocess.Popen([sys.executable, *main, "-f", str(self.dir / "conn.json"), *FLAGS],
-                                     cwd=self.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        key = new_key()
+        policy = Policy(fast_kernel=self.fast)
+        self.sandbox = sandbox = LocalSandbox(policy, key, secrets.token_hex(6), startup=False)
+        await sandbox.create()
         try:
-            await asyncio.wait_for(wait_for_paths(self.dir, [f"k-{p}" for p in PORTS.values()]), 30)
+            channels = await asyncio.wait_for(sandbox.open(), 30)
         except asyncio.TimeoutError:
-            raise RuntimeError(f"the local kernel did not start within 30 s (exit code {self.proc.poll()})") from None
-        channels = ZmqChannels({c: f"ipc://{self.dir}/k-{p}" for c, p in PORTS.items()}, max_message_bytes=16 << 20)
-        await channels.connect()
-        self.client = KernelClient(key.encode(), channels, max_output_bytes=8 << 20)
+            raise RuntimeError(f"the local kernel did not start within 30 s ({sandbox.output()})") from None
+        self.client = KernelClient(key, channels, max_output_bytes=parse_size(policy.max_output_bytes))
         await self.client.connect()
         await self.client.wait_ready()
 
@@ -69,11 +60,9 @@ class LocalKernel:
         if self.client is not None:
             await self.client.close()
             self.client = None
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.sandbox is not None:
+            await self.sandbox.destroy()
+            self.sandbox = None
 
 
 def ipykernel_version() -> str:

@@ -1,5 +1,6 @@
 """kernelexec: a sandboxed, stateful Jupyter kernel per AI-agent session."""
 
+from .auditlog import AuditLog, AuditLogError
 from .errors import (
     CodeTooLarge,
     DockerUnavailable,
@@ -15,7 +16,6 @@ from .errors import (
     SandboxStartError,
     SessionClosed,
 )
-from .auditlog import AuditLog, AuditLogError
 from .policy import Policy
 from .pool import AsyncSessionPool, PoolClosed, PoolExhausted, PoolStats, SessionPool
 from .precheck import CodePolicy

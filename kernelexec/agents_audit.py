@@ -90,7 +90,7 @@ def _dict_items(node: ast.expr, assigned: dict[str, ast.expr]) -> dict[str, ast.
     if isinstance(node, ast.Name) and node.id in assigned:
         node = assigned[node.id]
     if isinstance(node, ast.Dict):
-        return {k.value: v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant)
+        return {k.value: v for k, v in zip(node.keys, node.values, strict=True) if isinstance(k, ast.Constant)
                 and isinstance(k.value, str)}
     if isinstance(node, ast.Call) and _name(node.func) == "dict":
         return {kw.arg: kw.value for kw in node.keywords if kw.arg}
@@ -314,7 +314,8 @@ class _FileAudit:
                 self.add(executor, "high", "local executor", f"{agent_name}: executor "
                          f"{_const(executor)!r} runs code on the host")
             called = executor.func if isinstance(executor, ast.Call) else executor
-            if isinstance(executor, ast.Name) and executor.id in assigned and isinstance(assigned[executor.id], ast.Call):
+            if (isinstance(executor, ast.Name) and executor.id in assigned
+                    and isinstance(assigned[executor.id], ast.Call)):
                 called = assigned[executor.id].func  # type: ignore[attr-defined]
                 executor = assigned[executor.id]
             if isinstance(executor, ast.Call) and not any(kw.arg == "timeout" for kw in executor.keywords) \
@@ -337,7 +338,8 @@ class _FileAudit:
                      f"{agent_name}: work_dir {ast.unparse(work_dir)} exposes the project or home directory "
                      "to generated code", "use a dedicated empty directory, or kernelexec (no host directory)")
         if use_docker is None or not _falsy(_const(use_docker)):
-            # AG2's legacy Docker path (the default): python:3-slim, as root, network on, unless docker_config says otherwise
+            # AG2's legacy Docker path (the default): python:3-slim, as root, network on, unless docker_config
+            # says otherwise
             docker_cfg = cfg.get("docker_config")
             d = (_dict_items(docker_cfg, assigned) or {}) if docker_cfg is not None else {}
             self._docker_settings(docker_cfg if docker_cfg is not None else cfg_node, agent_name, d)

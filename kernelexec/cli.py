@@ -29,9 +29,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from .errors import ExecutionTimeout, ImageNotFound, KernelDied, KernelExecError
 from .policy import Policy
@@ -494,7 +495,7 @@ class CtrlCInterrupts:
 def cmd_image_build(args: argparse.Namespace) -> int:
     from .image import build_image
 
-    mode = "offline" if args.offline else "online" if args.online else "auto"
+    mode: Literal["auto", "online", "offline"] = "offline" if args.offline else "online" if args.online else "auto"
     start = time.monotonic()
 
     def progress(line: str) -> None:
@@ -507,7 +508,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -806,7 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def command(parent: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
-        return parent.add_parser(name, parents=[common], **kw)  # type: ignore[no-any-return]
+        return parent.add_parser(name, parents=[common], **kw)
 
     r = command(sub, "run", help="run a .py file or a notebook in a fresh sandbox",
                 epilog="exit status:\n" + EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,8 +15,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Literal
 
 from . import protocol
 from .backend.base import Channels, ChannelsClosed
@@ -35,6 +36,7 @@ KERNEL_CUT = TRUNCATION_MARKER.split(" at {")[0]  # the kernel side writes the s
 SMALL_RESULT = 64 * 1024
 
 Callback = Callable[[Any], None]
+StreamName = Literal["stdout", "stderr"]
 
 
 class KernelGone(Exception):
@@ -110,7 +112,7 @@ class _Pending:
             ex.outputs.append(ErrorInfo(str(c.get("ename", "")), str(c.get("evalue", "")), tb[-MAX_TRACEBACK:]))
             return
         if t == "stream":
-            name = "stderr" if c.get("name") == "stderr" else "stdout"
+            name: StreamName = "stderr" if c.get("name") == "stderr" else "stdout"
             text = str(c.get("text", ""))
             if KERNEL_CUT in text:
                 ex.truncated = True  # the kernel cut it already; keep its marker
@@ -132,14 +134,15 @@ class _Pending:
         if KERNEL_CUT in str(_dict(c.get("data")).get("text/plain", ""))[:200]:
             ex.truncated = True
         bundle = MimeBundle(
-            data=_dict(c.get("data")), metadata=_dict(c.get("metadata")), kind=t,  # type: ignore[arg-type]
+            data=_dict(c.get("data")), metadata=_dict(c.get("metadata")),
+            kind="execute_result" if t == "execute_result" else "display_data",
             execution_count=c.get("execution_count") if isinstance(c.get("execution_count"), int) else None,
             display_id=_display_id(c),
         )
         ex.outputs.append(bundle)
         self._call(self.callbacks.on_result, bundle)
 
-    def _take(self, text: str, name: str) -> str:
+    def _take(self, text: str, name: StreamName) -> str:
         """What of ``text`` fits in the output budget; marks the cut."""
         ex = self.execution
         if ex.output_bytes >= self.limit:
@@ -157,15 +160,15 @@ class _Pending:
             if isinstance(last, Stream) and last.name == name:
                 last.text += kept
             else:
-                ex.outputs.append(Stream(name, kept))  # type: ignore[arg-type]
+                ex.outputs.append(Stream(name, kept))
         self._mark_truncated(name)
         return ""
 
-    def _mark_truncated(self, name: str) -> None:
+    def _mark_truncated(self, name: StreamName) -> None:
         if not self.host_cut:
             self.host_cut = True
             self.execution.truncated = True
-            self.execution.outputs.append(Stream(name, "\n" + TRUNCATION_MARKER.format(limit=self.limit) + "\n"))  # type: ignore[arg-type]
+            self.execution.outputs.append(Stream(name, "\n" + TRUNCATION_MARKER.format(limit=self.limit) + "\n"))
 
     def _call(self, cb: Callable[[Any], None] | None, arg: Any) -> None:
         if cb is None or self.callback_error is not None:
@@ -292,7 +295,8 @@ class KernelClient:
 
     # -- requests ------------------------------------------------------------------
 
-    async def request(self, channel: str, msg_type: str, content: dict[str, Any]) -> tuple[str, asyncio.Future[Message]]:
+    async def request(self, channel: str, msg_type: str,
+                      content: dict[str, Any]) -> tuple[str, asyncio.Future[Message]]:
         if self._gone is not None:
             raise self._gone
         msg_id, frames = protocol.build(self._signer, msg_type, content, session=self._session)

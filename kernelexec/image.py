@@ -36,8 +36,9 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from .errors import DockerUnavailable, ImageBuildError
 

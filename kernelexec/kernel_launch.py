@@ -96,7 +96,7 @@ def _fast_app():  # type: ignore[no-untyped-def]
     class DirectIOPub(iostream.IOPubThread):
         def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             self.lock = threading.RLock()
-            self._xpub_stream = None
+            self._locked_stream: LockedStream | None = None  # the subscription reader, once there is one
             self._sender: int | None = None  # the thread inside _really_send, set under the lock
             super().__init__(*args, **kwargs)
             # a lock held by another thread at fork() stays held forever in the child
@@ -112,8 +112,8 @@ def _fast_app():  # type: ignore[no-untyped-def]
 
         def _new_lock(self) -> None:
             self.lock = threading.RLock()
-            if self._xpub_stream is not None:
-                self._xpub_stream.lock = self.lock
+            if self._locked_stream is not None:
+                self._locked_stream.lock = self.lock
 
         def _setup_xpub_listener(self) -> None:
             if not hasattr(self.socket, "getsockopt") or self.socket.getsockopt(zmq.TYPE) != zmq.XPUB:
@@ -122,7 +122,7 @@ def _fast_app():  # type: ignore[no-untyped-def]
             stream.lock = self.lock
             ZMQStream.__init__(stream, self.socket, self.io_loop)
             stream.on_recv(self._handle_subscription)
-            self._xpub_stream = stream
+            self._xpub_stream = self._locked_stream = stream
 
         def schedule(self, f):  # type: ignore[no-untyped-def]
             if not self.thread.is_alive():
@@ -135,13 +135,13 @@ def _fast_app():  # type: ignore[no-untyped-def]
                 return
             with self.lock:
                 f()
-            if self._xpub_stream is not None:
+            if self._locked_stream is not None:
                 # A send processes the socket's pending commands, a new subscription among them,
                 # and so may consume the edge of ZMQ_FD that the IOPub thread waits on.
                 with self.lock:
                     readable = not self.closed and self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
                 if readable:
-                    self.io_loop.add_callback(self._xpub_stream._handle_events, self._xpub_stream.socket, 0)
+                    self.io_loop.add_callback(self._locked_stream._handle_events, self._locked_stream.socket, 0)
 
         def _handle_event(self, msg):  # type: ignore[no-untyped-def]
             with self.lock:  # what was queued for this thread sends on the same socket
@@ -239,11 +239,11 @@ def _fast_app():  # type: ignore[no-untyped-def]
 
         def init_iopub(self, context):  # type: ignore[no-untyped-def]
             real = kernelapp.IOPubThread
-            kernelapp.IOPubThread = DirectIOPub
+            setattr(kernelapp, "IOPubThread", DirectIOPub)  # noqa: B010 (a class replaced for one call)
             try:
                 super().init_iopub(context)
             finally:
-                kernelapp.IOPubThread = real
+                setattr(kernelapp, "IOPubThread", real)  # noqa: B010
 
         def initialize(self, argv=None):  # type: ignore[no-untyped-def]
             super().initialize(argv)
@@ -266,7 +266,7 @@ def main() -> None:
         app = _fast_app()
     except Exception as e:  # an ipykernel this module was not written for: stock kernel, said aloud
         print(f"kernelexec: running the stock ipykernel ({type(e).__name__}: {e})", file=sys.stderr)
-        from ipykernel.kernelapp import IPKernelApp as app  # type: ignore[assignment]
+        from ipykernel.kernelapp import IPKernelApp as app
     app.launch_instance()
 
 

@@ -71,7 +71,7 @@ def _kernelexec_safe_messages(ip) -> None:  # type: ignore[no-untyped-def]
     session.pack = pack
     if limit <= 0:
         return
-    marker = "\n[kernelexec: cut to fit a %d-byte message]\n" % limit
+    marker = f"\n[kernelexec: cut to fit a {limit}-byte message]\n"
     serialize = session.serialize
 
     def cut(obj, cap):  # type: ignore[no-untyped-def]
@@ -146,13 +146,13 @@ def _kernelexec_setup() -> None:
         if not os.path.exists(cache):
             shutil.copytree(prebuilt, cache)
 
-    class _Forget(dict):  # type: ignore[type-arg]
+    class _Forget(dict):
         """Accepts writes, keeps nothing."""
 
         def __contains__(self, key: object) -> bool:
             return False
 
-        def __getitem__(self, key: object) -> list:  # type: ignore[type-arg]
+        def __getitem__(self, key: object) -> list:
             return []
 
     if hasattr(ip.history_manager, "outputs"):
@@ -166,7 +166,7 @@ def _kernelexec_setup() -> None:
     import subprocess
     import weakref
 
-    popens: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()  # type: ignore[type-arg]
+    popens: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
     execute_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
 
     def tracked_execute_child(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -248,7 +248,7 @@ def _kernelexec_setup() -> None:
             while True:
                 try:
                     conn, _ = listener.accept()  # no owner within the timeout: orphaned
-                except socket.timeout:
+                except TimeoutError:
                     os._exit(0)
                 with conn:
                     while conn.recv(4096):  # returns b"" once the owner's process is gone
@@ -261,7 +261,7 @@ def _kernelexec_setup() -> None:
     # by its session, never does: the call returned and the code after it went on running.
     from IPython.core.autocall import IPyAutocall
 
-    class _Exit(IPyAutocall):  # type: ignore[misc]
+    class _Exit(IPyAutocall):
         rewrite = False  # bare `exit` calls it too, as in IPython
 
         def __init__(self, name: str) -> None:
@@ -271,7 +271,7 @@ def _kernelexec_setup() -> None:
         def __repr__(self) -> str:
             return f"Use {self._name}() or {self._name}(status) to end the code"
 
-        def __call__(self, code: object = None) -> None:  # type: ignore[override]
+        def __call__(self, code: object = None) -> None:
             raise SystemExit(code)
 
     for name in ("exit", "quit"):
@@ -286,8 +286,7 @@ def _kernelexec_setup() -> None:
     if limit <= 0:
         return
     SMALL_RESULT = 64 * 1024
-    marker = ("\n[kernelexec: output truncated at %d bytes; raise Policy.max_output_bytes to keep more]\n"
-              % limit)
+    marker = f"\n[kernelexec: output truncated at {limit} bytes; raise Policy.max_output_bytes to keep more]\n"
     state = {"used": 0, "cut": False}
 
     def reset(*_: object) -> None:

@@ -7,13 +7,14 @@ the agent saw. Each cell's metadata links it to the audit log (code SHA-256).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import nbformat
 from nbformat import NotebookNode
 
 from .auditlog import code_digest
-from .errors import ExecutionTimeout, KernelDied
+from .errors import ExecutionTimeout, KernelDied, OutputLost
 from .results import ErrorInfo, Execution, MimeBundle, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,7 +112,10 @@ def _execute_cell(session: Session, code: str, timeout: float | None) -> tuple[E
         ex.code = code
         ex.status = "error"
         ex.outputs.append(ErrorInfo("ExecutionTimeout", str(e), f"ExecutionTimeout: {e}"))
-        return ex, e.state_lost
+        return ex, bool(e.state_lost)
+    except OutputLost as e:  # the connection came back; the kernel and its state survived
+        return Execution(code=code, status="error", outputs=[ErrorInfo(type(e).__name__, str(e),
+                                                                        f"{type(e).__name__}: {e}")]), False
     except KernelDied as e:
         return Execution(code=code, status="error", outputs=[ErrorInfo(type(e).__name__, str(e),
                                                                         f"{type(e).__name__}: {e}")]), True

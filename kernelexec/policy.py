@@ -13,8 +13,9 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 log = logging.getLogger("kernelexec")
 
@@ -188,7 +189,8 @@ class Policy:
         if any(k.startswith("kernelexec.") for k in self.labels):
             raise ValueError("labels starting with 'kernelexec.' are reserved")
         if self.seccomp not in ("kernelexec", "docker-default", "unconfined") and not self.seccomp.endswith(".json"):
-            raise ValueError("seccomp must be 'kernelexec', 'docker-default', 'unconfined' or a path to a .json profile")
+            raise ValueError(
+                "seccomp must be 'kernelexec', 'docker-default', 'unconfined' or a path to a .json profile")
         if self.transport not in ("auto", "ipc", "attach"):
             raise ValueError(f"transport must be 'auto', 'ipc' or 'attach', got {self.transport!r}")
         if any(c.upper() == "ALL" for c in self.cap_add):
@@ -224,7 +226,8 @@ class Policy:
             out.append(f"cap_add={sorted(set(self.cap_add) - set(d.cap_add))}: capabilities given back")
         if d.no_new_privileges and not self.no_new_privileges:
             out.append("no_new_privileges=False: setuid files can raise privileges")
-        if self.workspace and (self.workspace != d.workspace or (d.workspace_read_only and not self.workspace_read_only)):
+        if self.workspace and (self.workspace != d.workspace
+                               or (d.workspace_read_only and not self.workspace_read_only)):
             mode = "read-only" if self.workspace_read_only else "read-write"
             out.append(f"workspace={self.workspace!r} mounted {mode}")
         if self.seccomp != d.seccomp and self.seccomp != "kernelexec":

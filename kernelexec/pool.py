@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from ._loop import LoopThread
 from .errors import KernelExecError
@@ -48,7 +49,9 @@ class PoolStats:
 
 
 class AsyncSessionPool:
-    """Keeps ``size`` sessions warm; at most ``max_sessions`` exist at once."""
+    """Keeps ``size`` sessions warm; at most ``max_sessions`` exist at once.
+
+    ``session_kwargs`` go to every :class:`AsyncSession` it makes (``backend=``, ``profile=``...)."""
 
     def __init__(self, size: int = 2, max_sessions: int = 16, policy: Policy | None = None,
                  **session_kwargs: Any) -> None:

@@ -49,7 +49,8 @@ class CodePolicy:
             for n, line in enumerate(code.splitlines(), 1):
                 s = line.lstrip()
                 if s.startswith(("!", "%")):
-                    out.append(Refusal(n, s.split()[0] if s.split() else s, "IPython magics and shell escapes are refused"))
+                    out.append(Refusal(n, s.split()[0] if s.split() else s,
+                                       "IPython magics and shell escapes are refused"))
         if out:
             return out
         try:

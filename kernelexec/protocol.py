@@ -13,9 +13,10 @@ import hmac
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import ProtocolError
 
@@ -144,7 +145,7 @@ def parse(signer: Signer, frames: Sequence[bytes]) -> Message:
     if not signer.verify(signature, parts):
         raise ProtocolError("the kernel sent a message with a wrong HMAC signature")
     header, parent, metadata, content = (
-        _load(p, n) for p, n in zip(parts, ("header", "parent header", "metadata", "content"))
+        _load(p, n) for p, n in zip(parts, ("header", "parent header", "metadata", "content"), strict=True)
     )
     if not isinstance(header.get("msg_type"), str):
         raise ProtocolError("the kernel sent a message header without a msg_type")

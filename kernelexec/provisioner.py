@@ -51,7 +51,7 @@ KERNEL_NAME = "kernelexec"
 T = TypeVar("T")
 
 
-class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class KernelExecProvisioner(KernelProvisionerBase):
     image = Unicode(None, allow_none=True, config=True, help="kernel image (default: the recipe's tag)")
     profile = Unicode(None, allow_none=True, config=True, help="named policy from the profile file")
     transport = Unicode(None, allow_none=True, config=True,
@@ -149,7 +149,8 @@ class KernelExecProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "transport": "ipc", "ip": ip, "shell_port": PORTS["shell"], "iopub_port": PORTS["iopub"],
             "stdin_port": PORTS["stdin"], "control_port": PORTS["control"], "hb_port": PORTS["hb"],
             # bytes, as KernelManager.get_connection_info() gives it back: launch_kernel's info must equal it
-            "key": session.key, "signature_scheme": "hmac-sha256", "kernel_name": KERNEL_NAME,  # type: ignore[typeddict-item]
+            "key": session.key,  # type: ignore[typeddict-item]
+            "signature_scheme": "hmac-sha256", "kernel_name": KERNEL_NAME,
         }
         self.connection_info = info
         return info

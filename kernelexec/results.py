@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 
@@ -85,7 +85,7 @@ class ErrorInfo:
         return f"ErrorInfo({_short(str(self))})"
 
 
-Output = Union[Stream, MimeBundle, ErrorInfo]
+Output = Stream | MimeBundle | ErrorInfo
 
 
 @dataclass

@@ -16,19 +16,20 @@ import os
 import secrets
 import tarfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
-from .backend import ChannelsClosed, Sandbox, install_exit_hooks, new_sandbox, prepare
+from .backend import Backend, ChannelsClosed, Sandbox, default_backend
 from .client import Callbacks, KernelClient, KernelGone
 from .errors import (
     CodeTooLarge,
     ExecutionTimeout,
-    OutputLost,
     ImageNotFound,
     KernelDied,
+    OutputLost,
     ProtocolError,
     SandboxError,
     SandboxStartError,
@@ -65,6 +66,7 @@ class AsyncSession:
         precheck: CodePolicy | None = None,
         auto_restart: bool = False,
         share_channels: bool = False,
+        backend: Backend | None = None,
     ) -> None:
         """``auto_restart``: when the kernel dies, start a fresh one at once (the
         KernelDied raised says so with ``restarted=True``), so the next call works.
@@ -73,7 +75,8 @@ class AsyncSession:
         ``$KERNELEXEC_AUDIT_LOG``). ``precheck`` refuses code before it runs.
         ``share_channels``: let other clients reach this kernel too where the transport offers
         them no sockets (attach), see :meth:`open_channels`; the Jupyter provisioner does. It costs
-        a hop per message, so it is off by default."""
+        a hop per message, so it is off by default. ``backend`` makes the sandboxes (default: the
+        Docker engine's; see :mod:`kernelexec.backend`)."""
         if profile is not None:
             ceiling = profile_policy(profile, profiles_file)
             policy = within(policy, ceiling, role=profile) if policy is not None else ceiling
@@ -85,6 +88,7 @@ class AsyncSession:
         self.auto_restart = auto_restart
         self._share_channels = share_channels
         self._hub: ChannelHub | None = None
+        self.backend = backend or default_backend()
         #: every execution of this session, in order (for ``to_notebook``); restarts included.
         #: Bounded by ``policy.max_history_bytes``: past it the oldest lose their outputs
         #: (``outputs_dropped``), so hostile output cannot grow the host for the session's life.
@@ -141,7 +145,7 @@ class AsyncSession:
             self._lock = asyncio.Lock()
         if self._sandbox is not None:
             return
-        install_exit_hooks()  # here, on the caller's thread: it may be the main one
+        self.backend.install_exit_hooks()  # here, on the caller's thread: it may be the main one
         try:
             await asyncio.wait_for(self._start(), self.policy.start_timeout)
             self._log("created", container=self.container_id, image=self._sandbox.image if self._sandbox else None,
@@ -159,10 +163,10 @@ class AsyncSession:
             raise
 
     async def _start(self) -> None:
-        await prepare()
+        await self.backend.prepare()
         image = self._image or _default_image()
         self._key = key = new_key()
-        sandbox = new_sandbox(self.policy, image, key, self.id)
+        sandbox = self.backend.new_sandbox(self.policy, image, key, self.id)
         self._sandbox = sandbox
         try:
             await sandbox.create()
@@ -343,6 +347,7 @@ class AsyncSession:
 
     async def _on_timeout(self, client: KernelClient, msg_id: str, timeout: float, code: str) -> NoReturn:
         grace = self.policy.interrupt_grace
+        partial: Execution | None
         try:
             await client.interrupt(grace)
             partial = await client.finish(msg_id, grace)
@@ -611,10 +616,12 @@ class Session:
         audit_log: str | os.PathLike[str] | AuditLog | None = None,
         precheck: CodePolicy | None = None,
         auto_restart: bool = False,
+        backend: Backend | None = None,
     ) -> None:
         self._async = AsyncSession(policy, image=image, profile=profile, profiles_file=profiles_file,
-                                   audit_log=audit_log, precheck=precheck, auto_restart=auto_restart)
-        install_exit_hooks()  # from the caller's thread: the sandbox is made on the loop thread
+                                   audit_log=audit_log, precheck=precheck, auto_restart=auto_restart,
+                                   backend=backend)
+        self._async.backend.install_exit_hooks()  # from the caller's thread: the sandbox is made on the loop thread
         self._loop = LoopThread.acquire()
         self._owns_loop = True
         self._closed = False

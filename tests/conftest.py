@@ -62,9 +62,29 @@ def leftovers(docker) -> tuple[list[str], list[str], list[str]]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def nothing_left_behind(docker):
+def nothing_left_behind(request):
+    """Fails the run if it left sandboxes behind; asks the engine only when engine tests were selected."""
+    if not any(item.get_closest_marker("docker") for item in request.session.items):
+        yield
+        return
+    docker = request.getfixturevalue("docker")
     yield
     assert leftovers(docker) == ([], [], []), "the test run left sandboxes behind"
+
+
+# -- the fast tier: `pytest -m "not docker"` runs with no engine at all ----------------------------------
+
+#: Fixtures that reach the Docker engine: a test that uses one, directly or through another fixture, needs it.
+DOCKER_FIXTURES = frozenset({"docker", "kernel_image", "policy", "session", "shared_session"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Marks ``docker`` every test that needs the engine: it uses a fixture of DOCKER_FIXTURES, or its
+    module says ``pytestmark = pytest.mark.docker`` (it starts sessions of its own)."""
+    for item in items:
+        if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)
 
 
 #: What asyncio logs when a task or future ends with nobody to hear it: an error lost.
@@ -89,6 +109,13 @@ class _OrphanCatcher(logging.Handler):
 
 _orphans = _OrphanCatcher()
 logging.getLogger("asyncio").addHandler(_orphans)
+
+
+def pytest_collection_finish(session):
+    """What collection imported lives for the whole run: frozen out of the collector, so that the
+    gc.collect() after each test (below) scans only what tests made (a full one takes about 0.5 s here)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

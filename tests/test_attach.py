@@ -28,6 +28,9 @@ T = TypeVar("T")
 #: A bound on every wait, so that a broken transport fails the test instead of hanging it.
 HANG = 60.0
 
+#: every test here starts containers of its own
+pytestmark = pytest.mark.docker
+
 
 def run(coro: Awaitable[T], timeout: float = 240.0) -> T:
     async def bounded() -> T:
@@ -39,7 +42,7 @@ def run(coro: Awaitable[T], timeout: float = 240.0) -> T:
 def runtimes() -> list[Any]:
     """runc always; runsc when the engine has it (registered with --network=none)."""
     try:
-        info = json.loads(os.popen("docker info --format '{{json .Runtimes}}'").read() or "{}")
+        info = json.loads(os.popen("docker info --format '{{json .Runtimes}}'").read() or "{}") or {}
     except ValueError:
         info = {}
     runsc = pytest.param("runsc", marks=pytest.mark.skipif(

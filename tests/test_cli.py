@@ -29,6 +29,9 @@ from kernelexec.sockdir import PREFIX, socket_root
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
+#: every command here is checked for leftovers on the engine (owned_by)
+pytestmark = pytest.mark.docker
+
 
 def owned_by(pid: int) -> tuple[list[str], list[str], list[str]]:
     """Containers, volumes and socket directories of the sessions of process ``pid``."""

@@ -12,6 +12,9 @@ import pytest
 from kernelexec.container import run_blocking
 from kernelexec.dockerapi import api
 
+#: every test here starts containers of its own
+pytestmark = pytest.mark.docker
+
 
 @pytest.fixture(scope="module")
 def runsc() -> dict[str, Any]:

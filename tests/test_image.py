@@ -128,8 +128,10 @@ def test_packaged_recipe_is_the_checkout_recipe_and_nothing_else(tmp_path):
     installed = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         packaged = sorted(n for n in z.namelist() if n.startswith("kernelexec/_kernel_image/"))
+        names = z.namelist()
         z.extractall(installed)
     assert not [n for n in packaged if n.endswith((".whl", ".pem", ".crt"))], packaged
+    assert "kernelexec/py.typed" in names  # the type information is shipped (PEP 561)
     recipe = installed / "kernelexec" / "_kernel_image"
     assert (recipe / "wheelhouse").is_dir() and (recipe / "ca").is_dir()  # docker build needs both
     assert image_tag(recipe) == image_tag()

@@ -12,15 +12,19 @@ compatible service also speak) and two transports:
 
 ``Policy.transport="auto"`` picks ipc where it works and attach everywhere else;
 :func:`choose_transport` says which and why (``doctor`` and ``ps`` show it).
+
+A session takes its sandboxes from a :class:`~.base.Backend` (``AsyncSession(backend=...)``);
+:class:`DockerBackend` is the default. :class:`.local.LocalBackend` runs kernels as plain host
+processes, with no isolation: a test double and a development backend, never chosen automatically.
 """
 
 from __future__ import annotations
 
 from ..policy import Policy
-from .base import Channels, ChannelsClosed, Sandbox
+from .base import Backend, Channels, ChannelsClosed, Sandbox
 
-__all__ = ["Channels", "ChannelsClosed", "Sandbox", "choose_transport", "install_exit_hooks", "new_sandbox",
-           "prepare"]
+__all__ = ["Backend", "Channels", "ChannelsClosed", "DockerBackend", "Sandbox", "choose_transport",
+           "default_backend", "install_exit_hooks", "new_sandbox", "prepare"]
 
 #: Runtimes that cannot use a unix socket bind-mounted from the host (Debian's runsc has no
 #: --host-uds): their sessions go over attach.
@@ -67,3 +71,27 @@ def install_exit_hooks() -> None:
     from ..container import install_exit_hooks as install
 
     install()
+
+
+class DockerBackend(Backend):
+    """Sandboxes on the Docker engine of this process's environment (``DOCKER_HOST``, contexts), over
+    the transport :func:`choose_transport` picks. The default backend."""
+
+    name = "docker"
+
+    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str) -> Sandbox:
+        return new_sandbox(policy, image, key, session_id)
+
+    async def prepare(self) -> None:
+        await prepare()
+
+    def install_exit_hooks(self) -> None:
+        install_exit_hooks()
+
+
+_DOCKER = DockerBackend()
+
+
+def default_backend() -> Backend:
+    """The backend of a session that names none: the Docker engine's."""
+    return _DOCKER

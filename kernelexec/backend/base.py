@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..errors import KernelDied
+    from ..policy import Policy
 
-__all__ = ["CHANNELS", "ChannelsClosed", "Channels", "Sandbox"]
+__all__ = ["CHANNELS", "Backend", "Channels", "ChannelsClosed", "Sandbox"]
 
 #: The channels a client may receive on; it sends on all of them but ``iopub``.
 CHANNELS = ("shell", "control", "stdin", "iopub")
@@ -138,3 +139,25 @@ class Sandbox(abc.ABC):
         survives. Returns how many frames the kernel sent meanwhile that are lost. Raises
         :class:`ChannelsClosed` when that is not possible (the kernel exited, the transport cannot)."""
         raise ChannelsClosed(f"the {self.transport or 'this'} transport cannot re-attach")
+
+class Backend(abc.ABC):
+    """Where a session's kernels run: it makes their sandboxes, and cleans up after crashed owners.
+
+    A session holds one (``AsyncSession(backend=...)``, default: the Docker engine's) and learns
+    nothing else of it; a pool passes it on to its sessions. A new backend (another engine, a
+    local process for tests) is one subclass.
+    """
+
+    #: for people (``repr``, logs)
+    name: str = ""
+
+    @abc.abstractmethod
+    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str) -> Sandbox:
+        """A sandbox for one session, not yet created; ``key`` is the kernel's HMAC key."""
+
+    async def prepare(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
+        """Before each start: remove what owners that died left, retry cleanups that failed."""
+
+    def install_exit_hooks(self) -> None:  # noqa: B027 (optional)
+        """Called on the caller's thread when a session is made (it may be the main thread): a
+        backend whose sandboxes outlive their process unless removed installs its cleanup here."""

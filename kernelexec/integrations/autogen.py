@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from autogen_core import CancellationToken, Component
 from autogen_core.code_executor import CodeBlock, CodeExecutor, CodeResult
@@ -34,16 +34,16 @@ from ._blocks import UnsupportedLanguage, own_output_dir, remove_if_empty, rende
 class KernelExecCodeResult(CodeResult):
     """A CodeResult with the files (images, HTML) the code displayed."""
 
-    output_files: List[Path] = field(default_factory=list)
+    output_files: list[Path] = field(default_factory=list)
 
 
 class KernelExecCodeExecutorConfig(BaseModel):
     """Serializable configuration (``dump_component``/``load_component``)."""
 
     timeout: float = 60.0
-    output_dir: Optional[str] = None
-    profile: Optional[str] = None
-    image: Optional[str] = None
+    output_dir: str | None = None
+    profile: str | None = None
+    image: str | None = None
     policy: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -92,7 +92,7 @@ class KernelExecCodeExecutor(CodeExecutor, Component[KernelExecCodeExecutorConfi
         else:
             await self._session.restart()
 
-    async def execute_code_blocks(self, code_blocks: List[CodeBlock],
+    async def execute_code_blocks(self, code_blocks: list[CodeBlock],
                                   cancellation_token: CancellationToken) -> KernelExecCodeResult:
         """Run the blocks in order; stop at the first that fails.
 

@@ -12,7 +12,7 @@ on first use and closed with :meth:`close`/:meth:`aclose`.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional
+from typing import Any, Literal
 
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
@@ -46,13 +46,13 @@ class KernelExecTool(BaseTool):
     description: str = ("Run Python code in a sandboxed Jupyter kernel. State (variables, imports, dataframes) "
                         "persists between calls. No network, no host files. Print what you need to see.")
     args_schema: type[BaseModel] = CodeInput
-    response_format: str = "content_and_artifact"
-    timeout: Optional[float] = None
-    policy: Optional[Policy] = None
-    profile: Optional[str] = None
-    image: Optional[str] = None
-    _session: Optional[Session] = PrivateAttr(default=None)
-    _asession: Optional[AsyncSession] = PrivateAttr(default=None)
+    response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
+    timeout: float | None = None
+    policy: Policy | None = None
+    profile: str | None = None
+    image: str | None = None
+    _session: Session | None = PrivateAttr(default=None)
+    _asession: AsyncSession | None = PrivateAttr(default=None)
 
     def _settings(self) -> dict[str, Any]:
         return dict(profile=self.profile, image=self.image)

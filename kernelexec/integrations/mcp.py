@@ -147,7 +147,8 @@ def build_server(policy: Policy | None = None, *, profile: str | None = None, ma
             return {"session_id": s.id}
 
     @server.tool(structured_output=False)  # text and image content blocks, not a JSON value
-    async def execute(session_id: str, code: str, timeout: float | None = None) -> list[Any]:
+    # `timeout` is the tool's argument, in its schema for the model: the session applies it to the execution
+    async def execute(session_id: str, code: str, timeout: float | None = None) -> list[Any]:  # noqa: ASYNC109
         """Run Python code in a session. Returns the output text, then any images the code displayed."""
         with _as_tool_error():
             s = registry.get(session_id)

@@ -22,7 +22,6 @@ from smolagents.utils import AgentError
 from ..policy import Policy
 from ..session import Session
 
-
 #: pip names whose import name differs
 _MODULE_OF = {"pillow": "PIL", "scikit-learn": "sklearn", "beautifulsoup4": "bs4", "pyyaml": "yaml",
               "opencv-python": "cv2", "python-dateutil": "dateutil"}

@@ -27,8 +27,20 @@ from typing import Any
 from ...dockerapi import close_stream
 from ..base import Channels, ChannelsClosed
 from .framing import (
-    CHANNEL_IDS, CHANNEL_NAMES, FROM_RELAY, LINK, LOG, Decoder, DockerDemux, Frame, FramingError, Limits,
-    decode_link, decode_log, encode, encode_link,
+    CHANNEL_IDS,
+    CHANNEL_NAMES,
+    FROM_RELAY,
+    LINK,
+    LOG,
+    Decoder,
+    DockerDemux,
+    Frame,
+    FramingError,
+    Limits,
+    decode_link,
+    decode_log,
+    encode,
+    encode_link,
 )
 
 log = logging.getLogger("kernelexec")

@@ -13,11 +13,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ...container import (
-    LAUNCH_FILE, PORTS, STARTUP_FILE, ConnectionInfo, DockerSandbox, kernel_launch_source,
+    LAUNCH_FILE,
+    PORTS,
+    STARTUP_FILE,
+    ConnectionInfo,
+    DockerSandbox,
+    kernel_launch_source,
     kernel_startup_source,
 )
 from ...dockerapi import DockerAPI, api, close_stream
@@ -71,7 +77,7 @@ def limits_for(policy: Policy) -> Limits:
     return Limits(max_frame_bytes=parse_size(policy.max_message_bytes))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source(name: str) -> str:
     return (Path(__file__).parent / name).read_text()
 

@@ -47,7 +47,7 @@ LAST_WORDS = 10.0
 
 # Runs as `python -I -c BOOTSTRAP`: reads b"KXB1", a 4-byte length and that many bytes of JSON from
 # fd 0 (raw reads: nothing after the hello is consumed), then runs the relay's source from it.
-BOOTSTRAP = """\
+BOOTSTRAP = f"""\
 import os,sys,json
 def rd(n):
     b=b''
@@ -59,10 +59,10 @@ def rd(n):
 h=rd(8)
 if h[:4]!=b'KXB1':sys.exit('kernelexec relay: the hello does not start with KXB1')
 n=int.from_bytes(h[4:],'big')
-if n>%d:sys.exit('kernelexec relay: the hello is too large')
+if n>{8 << 20}:sys.exit('kernelexec relay: the hello is too large')
 m=json.loads(rd(n))
-exec(compile(m['relay'],'<kernelexec relay>','exec'),{'__name__':'kernelexec_relay','BOOT':m})
-""" % (8 << 20)
+exec(compile(m['relay'],'<kernelexec relay>','exec'),{{'__name__':'kernelexec_relay','BOOT':m}})
+"""
 
 
 def main(boot: dict[str, Any]) -> None:
