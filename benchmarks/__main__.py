@@ -12,6 +12,8 @@ import json
 import os
 import platform
 import re
+import shutil
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -21,12 +23,13 @@ from typing import Any
 from kernelexec import __version__
 from kernelexec.dockerapi import api
 
-from . import concurrency, density, report, roundtrip, startup
+from . import concurrency, density, report, roundtrip, startup, transports
 from .local_kernel import ipykernel_version
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
+SECTIONS = ["roundtrip", "startup", "warm", "transports", "audit", "density", "concurrency", "peers"]
 
 
 def log(line: str) -> None:
@@ -40,11 +43,16 @@ async def machine() -> dict[str, Any]:
     os_name = next((ln.split("=", 1)[1].strip('"') for ln in Path("/etc/os-release").read_text().splitlines()
                     if ln.startswith("PRETTY_NAME=")), platform.system())
     version = await api().version()
+    runsc = shutil.which("runsc")
+    if runsc:  # which gVisor the attach/runsc figures are of
+        done = await asyncio.to_thread(subprocess.run, [runsc, "--version"], check=False, capture_output=True,
+                                       text=True, timeout=30)
+        runsc = done.stdout.split("\n")[0] or f"{runsc} (--version failed: {done.stderr.strip()})"
     return {
         "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**20, 1), "os": os_name,
         "kernel": platform.release(), "python": platform.python_version(),
         "docker": version.get("Version"), "cgroup": "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1",
-        "ipykernel": ipykernel_version(), "kernelexec": __version__,
+        "ipykernel": ipykernel_version(), "kernelexec": __version__, "runsc": runsc,
     }
 
 
@@ -54,14 +62,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     r: dict[str, Any] = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": quick,
         "machine": await machine(), "idle_window_s": 3.0 if quick else 10.0,
+        "load_avg": {"start": [round(x, 2) for x in os.getloadavg()]},
     }
-    wanted = set(args.only or ["roundtrip", "startup", "warm", "density", "concurrency", "peers"])
+    wanted = set(args.only or SECTIONS)
     if "roundtrip" in wanted:
         r["roundtrip"] = await roundtrip.run(100 if quick else 500, log)
     if "startup" in wanted:
         r["startup"] = await startup.cold(3 if quick else 10, log)
     if "warm" in wanted:
         r["warm"] = await startup.warm(5 if quick else 20, log)
+    if "transports" in wanted:
+        r["transports"] = await transports.run(100 if quick else 500, 3 if quick else 10, log)
+    if "audit" in wanted:
+        r["audit_log"] = await transports.audit_cost(100 if quick else 500, log)
     if "density" in wanted:
         r["density"] = await density.run([5, 10] if quick else [10, 25, 50, 100], r["idle_window_s"], log)
     if "concurrency" in wanted:
@@ -71,6 +84,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         # blocking Docker calls of AutoGen's executors run in their own loop, in a worker thread
         r["peers"] = await asyncio.to_thread(peers.run, quick=quick, log=log)
+    r["load_avg"]["end"] = [round(x, 2) for x in os.getloadavg()]
     r["targets"] = report.targets(r)
     r["duration_s"] = round(time.perf_counter() - started)
     return r
@@ -87,8 +101,8 @@ def update_readme(table: str) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer runs and levels (about 3 minutes)")
-    p.add_argument("--only", nargs="+", choices=["roundtrip", "startup", "warm", "density", "concurrency", "peers"],
+    p.add_argument("--quick", action="store_true", help="fewer runs and levels (about 4 minutes)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS,
                    help="run only these")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/latest.json)")
     p.add_argument("--update-readme", action="store_true",
@@ -97,6 +111,7 @@ def main() -> None:
     results = asyncio.run(main_async(args))
     RESULTS.mkdir(exist_ok=True)
     out = args.out or RESULTS / "latest.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     table = report.markdown(results)
     (out.with_suffix(".md")).write_text(table)

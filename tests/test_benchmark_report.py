@@ -28,7 +28,26 @@ def results(sandbox_fast: float, local_stock: float) -> dict:
              "shim_rss_mb_per_session": 13.0, "idle_cpu_pct_system": 4.5, "idle_cpu_pct_host_process": 0.0,
              "idle_cpu_pct_containers": 1.6, "alive": 100}]},
         "peers": {"skipped": "autogen-ext is not installed"},
+        "transports": transports(ipc=(1.6, 0.40), attach=(2.0, 0.48), runsc=None, remote=(3.0, 0.7)),
+        "audit_log": {"without_ms": summary([1.5] * 9 + [1.8]), "with_ms": summary([1.52] * 9 + [1.9]),
+                      "records": 142, "rounds": 10},
     }
+
+
+def transports(ipc: tuple[float, float], attach: tuple[float, float], runsc: tuple[float, float] | None,
+               remote: tuple[float, float]) -> dict:
+    """Configurations as ``transports.run`` reports them: (1+1 p50 ms, cold start p50 s), or None: not run."""
+    def config(label: str, transport: str, figures: tuple[float, float] | None) -> dict:
+        if figures is None:
+            return {"label": label, "skipped": "runsc is not registered with the engine"}
+        return {"label": label, "transport": transport,
+                "roundtrip_ms": {"1+1": rt(figures[0]), "print_100k": rt(figures[0] * 2)},
+                "cold_start_s": summary([figures[1]] * 10)}
+    return {"rounds": 10, "remote_engine": "tcp://127.0.0.1:1 (DOCKER_HOST, TLS verified with client certificate)",
+            "configs": {"ipc_runc": config("ipc / runc", "ipc", ipc),
+                        "attach_runc": config("attach / runc", "attach", attach),
+                        "attach_runsc": config("attach / runsc (gVisor)", "attach", runsc),
+                        "remote_tls": config("attach / runc, remote engine over TCP+TLS", "attach", remote)}}
 
 
 def by_name(targets: list[dict]) -> dict[str, dict]:
@@ -62,9 +81,62 @@ def test_markdown_names_the_machine_the_skipped_peers_and_every_target():
     assert md.count("| met |") + md.count("**missed**") + md.count("not measured") == len(r["targets"])
 
 
+def test_transport_targets_are_ratios_to_ipc_and_the_baseline_figures():
+    r = results(1.6, 4.0)
+    t = by_name(report.targets(r))
+    # 2.0 / 1.6 = 1.25 exactly: met; cold 0.48 / 0.40 = 1.2: met
+    assert t["attach/runc / ipc/runc round trip via execute"]["measured"] == 1.25
+    assert t["attach/runc / ipc/runc round trip via execute"]["met"] is True
+    assert t["attach/runc / ipc/runc cold start to first result"]["measured"] == 1.2
+    assert t["attach/runc / ipc/runc cold start to first result"]["met"] is True
+    # ipc/runc against 2026-12-01: 1.6 ms > 1.4 ms and 0.40 s > 0.37 s are misses; 5 ms warm acquire <= 8 ms
+    assert t["ipc/runc round trip via execute, no slower than on 2026-12-01"]["met"] is False
+    assert t["ipc/runc cold start to first result, no slower than on 2026-12-01"]["measured"] == 0.4
+    assert t["ipc/runc cold start to first result, no slower than on 2026-12-01"]["met"] is False
+    assert t["warm-pool acquire, no slower than on 2026-12-01"]["met"] is True
+    # runsc not registered: the gVisor figure is not measured, never "met"
+    assert t["gVisor"]["measured"] is None and t["gVisor"]["met"] is None
+    r["transports"] = transports(ipc=(1.4, 0.37), attach=(1.751, 0.445), runsc=(9.5, 1.2), remote=(3.0, 0.7))
+    t = by_name(report.targets(r))
+    assert t["attach/runc / ipc/runc round trip via execute"]["measured"] == 1.251
+    assert t["attach/runc / ipc/runc round trip via execute"]["met"] is False  # a miss by 0.001 stays a miss
+    assert t["attach/runc / ipc/runc cold start to first result"]["met"] is False  # 1.203
+    assert t["gVisor"]["measured"] == 9.5 and t["gVisor"]["met"] is True
+    assert t["ipc/runc round trip via execute, no slower than on 2026-12-01"]["met"] is True
+    assert t["ipc/runc cold start to first result, no slower than on 2026-12-01"]["met"] is True
+
+
+def test_audit_cost_is_the_difference_of_the_p50s_and_of_the_means_in_microseconds():
+    r = results(1.6, 4.0)
+    # p50 1.52 - 1.5 ms; means (9 * 1.52 + 1.9) / 10 - (9 * 1.5 + 1.8) / 10 = 0.028 ms
+    assert report.audit_cost_us(r) == {"p50": 20.0, "mean": 28.0}
+    assert report.audit_cost_us({}) is None
+    assert report.audit_cost_us({"audit_log": {"without_ms": {"n": 0}, "with_ms": summary([1.0])}}) is None
+
+
+def test_markdown_has_a_row_per_transport_a_reason_for_the_skipped_and_the_audit_cost():
+    r = results(1.6, 4.0)
+    r["targets"] = report.targets(r)
+    md = report.markdown(r)
+    assert "| attach / runc | 2.00 / 2.40 / 3.00 | 4.00 / 4.80 / 6.00 | 0.480 s (10 runs) | 1.25x / 1.20x |" in md
+    assert "| ipc / runc | 1.60 / 1.92 / 2.40 | 3.20 / 3.84 / 4.80 | 0.400 s (10 runs) |  |" in md
+    assert "| attach / runsc (gVisor) | not run: runsc is not registered with the engine |" in md
+    assert "remote engine over TCP+TLS | 3.00 / 3.60 / 4.50 |" in md and "1.88x / 1.75x" in md
+    assert "The remote engine is tcp://127.0.0.1:1" in md
+    assert "+20.0 us per execute at p50, +28.0 us in the mean (10 runs each" in md
+    rows = [ln for ln in md.splitlines() if ln.startswith(("| attach / runsc", "| ipc / runc"))]
+    assert all(ln.count("|") == 6 for ln in rows)  # skipped rows keep the table's five columns
+
+
 def test_the_committed_results_have_every_section():
     latest = json.loads((Path(report.__file__).parent / "results" / "latest.json").read_text())
-    for key in ("machine", "roundtrip", "startup", "warm", "density", "concurrency", "peers", "targets"):
+    for key in ("machine", "roundtrip", "startup", "warm", "transports", "audit_log", "density", "concurrency",
+                "peers", "targets", "load_avg"):
         assert key in latest, key
     assert [lv["n"] for lv in latest["density"]["levels"]] == [10, 25, 50, 100]
     assert all(latest["roundtrip"][k]["1+1"]["n"] >= 500 for k in ("local_stock", "sandbox_fast"))
+    configs = latest["transports"]["configs"]
+    assert set(configs) == {"ipc_runc", "attach_runc", "attach_runsc", "remote_tls"}
+    for key, c in configs.items():  # measured in full, or not run with the reason said
+        assert c.get("skipped") or (c["roundtrip_ms"]["1+1"]["n"] >= 500 and c["cold_start_s"]["n"] >= 10), key
+    assert latest["audit_log"]["with_ms"]["n"] >= 500 and latest["audit_log"]["without_ms"]["n"] >= 500
