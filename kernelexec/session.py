@@ -349,8 +349,7 @@ class AsyncSession:
         grace = self.policy.interrupt_grace
         partial: Execution | None
         try:
-            await client.interrupt(grace)
-            partial = await client.finish(msg_id, grace)
+            partial = await self._interrupt_and_finish(client, msg_id, grace)
         except asyncio.TimeoutError:
             partial = client.abandon(msg_id)
             log.warning("session %s: kernel ignored the interrupt; replacing it", self.id)
@@ -360,11 +359,21 @@ class AsyncSession:
         self._log("timeout", code_sha256=code_digest(code), timeout=timeout, state_lost=False)
         raise ExecutionTimeout(timeout, state_lost=False, partial=partial)
 
+    async def _interrupt_and_finish(self, client: KernelClient, msg_id: str, grace: float) -> Execution:
+        """Interrupt, and once more halfway through the grace: a SIGINT that lands just before a
+        blocking call starts (time.sleep right after a flush) is only seen when the call returns, and
+        the kernel would be replaced, its state lost, for a race rather than for code that ignores it."""
+        await client.interrupt(grace)
+        try:
+            return await client.finish(msg_id, grace / 2)
+        except asyncio.TimeoutError:
+            await client.interrupt(grace / 2)
+            return await client.finish(msg_id, grace / 2)
+
     async def _on_cancel(self, client: KernelClient, msg_id: str, code: str) -> None:
         grace = self.policy.interrupt_grace
         try:
-            await client.interrupt(grace)
-            await client.finish(msg_id, grace)
+            await self._interrupt_and_finish(client, msg_id, grace)
             self._log("interrupted", code_sha256=code_digest(code), cause="cancelled")
         except asyncio.TimeoutError:
             client.abandon(msg_id)
