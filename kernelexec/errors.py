@@ -107,9 +107,9 @@ class CodeTooLarge(KernelExecError, ValueError):
     def __init__(self, size: int, limit: int) -> None:
         self.size, self.limit = size, limit
         super().__init__(
-            f"the code is {size:,} bytes; at most {limit:,} bytes (Policy.max_message_bytes) can be sent in "
-            "one execute(). Nothing was run and the session is intact: upload() large data as a file and "
-            "read it from the code, or raise Policy.max_message_bytes."
+            f"the code is {size:,} bytes as sent (JSON-escaped); at most {limit:,} bytes fit in one message "
+            "(Policy.max_message_bytes, less the request's own fields). Nothing was run and the session is "
+            "intact: upload() large data as a file and read it from the code, or raise Policy.max_message_bytes."
         )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import errno
 import io
+import json
 import logging
 import os
 import secrets
@@ -277,8 +278,8 @@ class AsyncSession:
                     return Execution(code=code, status="refused",
                                      outputs=[ErrorInfo("CodeRefused", reason,
                                                         f"CodeRefused: the pre-check refused this code: {reason}")])
-            limit = parse_size(self.policy.max_message_bytes)
-            size = _utf8_size(code)
+            limit = parse_size(self.policy.max_message_bytes) - REQUEST_OVERHEAD
+            size = _wire_size(code)
             if size > limit:
                 self._log("refused", code_sha256=code_digest(code), reasons=[f"code of {size} bytes"])
                 raise CodeTooLarge(size, limit)
@@ -527,9 +528,17 @@ def _describe(s: AsyncSession, face: str) -> str:
     return f"<{face} {' '.join(parts)}>"
 
 
-def _utf8_size(text: str) -> int:
-    # lone surrogates are sent escaped, as the kernel will see them
-    return len(text.encode("utf-8", errors="surrogatepass"))
+#: What an execute_request's content holds besides its code, with room to spare.
+REQUEST_OVERHEAD = 4096
+
+
+def _wire_size(code: str) -> int:
+    """The code's size as sent: JSON-escaped (a control character is six bytes), the bound every
+    transport's frames are held to, on the way in as on the way out."""
+    try:
+        return len(json.dumps(code, ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates travel as \u escapes
+        return len(json.dumps(code, ensure_ascii=True))
 
 
 #: Code kept in full in a history entry whose outputs were dropped; longer code keeps its digest.

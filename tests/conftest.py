@@ -1,11 +1,22 @@
-"""Shared fixtures: a real Docker engine, the real kernel image, real sessions."""
+"""Shared fixtures: a real Docker engine, the real kernel image, real sessions.
+
+The engine is the one the environment names (``DOCKER_HOST``, ``DOCKER_TLS_VERIFY``,
+``DOCKER_CERT_PATH``, contexts), so the same tests run against a remote engine (see
+tests/remote/test_suites.py). Two variables run them under another runtime or transport:
+``KERNELEXEC_TEST_RUNTIME`` (e.g. ``runsc``) and ``KERNELEXEC_TEST_TRANSPORT`` (``attach``)
+become the default of every :class:`Policy` this test process makes that does not set the
+field itself. Tests marked ``ipc`` are about the ipc transport's socket directory; the runs on
+another transport deselect them by that marker (``-m "not ipc"``), never by a skip.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -13,6 +24,56 @@ import pytest
 from kernelexec import Policy, Session
 from kernelexec.container import docker_client
 from kernelexec.sockdir import PREFIX, socket_root
+
+#: Policy fields whose default a test run may change, and the variables that change them.
+TEST_DEFAULTS = {"runtime": "KERNELEXEC_TEST_RUNTIME", "transport": "KERNELEXEC_TEST_TRANSPORT"}
+
+
+def run_policy_defaults(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The Policy defaults this run asked for (empty in an ordinary run)."""
+    return {name: env[var] for name, var in TEST_DEFAULTS.items() if env.get(var)}
+
+
+def _apply_policy_defaults(defaults: dict[str, str]) -> None:
+    """Every Policy made here without ``runtime``/``transport`` gets the run's.
+
+    Given as arguments, so they count as set by the caller: a role profile keeps them too.
+    Applied before any test module is imported; the library itself is not changed.
+    """
+    if not defaults:
+        return
+    names = [f.name for f in dataclasses.fields(Policy)]
+    original = Policy.__init__
+
+    def init(self: Policy, *args: object, **kwargs: object) -> None:
+        given = set(names[: len(args)]) | set(kwargs)
+        original(self, *args, **{**{k: v for k, v in defaults.items() if k not in given}, **kwargs})
+
+    Policy.__init__ = init  # type: ignore[method-assign]
+
+
+_apply_policy_defaults(run_policy_defaults())
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from kernelexec.engine import default_endpoint
+
+    header = [f"kernelexec engine: {default_endpoint().describe()}"]
+    if run_policy_defaults():
+        header.append(f"kernelexec Policy defaults for this run: {run_policy_defaults()}")
+    return header
+
+
+def expected_transport() -> str | None:
+    """The transport every session of this run must use, when the run decides it."""
+    from kernelexec.engine import default_endpoint
+
+    defaults = run_policy_defaults()
+    if "transport" in defaults:
+        return defaults["transport"]
+    if defaults.get("runtime") == "runsc" or not default_endpoint().is_local:
+        return "attach"
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -39,17 +100,29 @@ def policy(kernel_image) -> Policy:
     return Policy(image=kernel_image)
 
 
+def checked_session(s: Session) -> Session:
+    """A session of this run's transport and runtime: a run meant for attach or runsc that fell back
+    to ipc or runc would prove nothing."""
+    want = expected_transport()
+    assert want is None or s.transport == want, f"this run is for transport {want!r}, the session uses {s.transport!r}"
+    runtime = run_policy_defaults().get("runtime")
+    if runtime:
+        used = docker_client().api.inspect_container(s.container_id)["HostConfig"].get("Runtime")
+        assert used == runtime, f"this run is for runtime {runtime!r}, the session's container runs on {used!r}"
+    return s
+
+
 @pytest.fixture
 def session(policy):
     with Session(policy) as s:
-        yield s
+        yield checked_session(s)
 
 
 @pytest.fixture(scope="module")
 def shared_session(kernel_image):
     """One session for tests that only read; saves a container start each."""
     with Session(Policy(image=kernel_image)) as s:
-        yield s
+        yield checked_session(s)
 
 
 def leftovers(docker) -> tuple[list[str], list[str], list[str]]:

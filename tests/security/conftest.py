@@ -18,6 +18,8 @@ import pytest
 
 from kernelexec import Policy, Session
 
+from ..conftest import checked_session
+
 MB = 1 << 20
 
 #: syscall numbers of the native ABI, for attacks that libc does not wrap
@@ -130,7 +132,7 @@ def host_memory() -> HostMemory:
 def module_session(kernel_image) -> Iterator[Session]:
     """A session shared by one module's attacks that fail without damaging it."""
     with Session(Policy(image=kernel_image)) as s:
-        yield s
+        yield checked_session(s)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from kernelexec.policy import parse_size
 
 from .conftest import MB, assert_healthy, inside
 
-EAGAIN, EMFILE, ENOSPC, EFBIG = 11, 24, 28, 27
+EAGAIN, EMFILE, ENOSPC, EFBIG, EACCES = 11, 24, 28, 27, 13
 
 
 def _dir_bytes(path: Path) -> int:
@@ -29,13 +29,33 @@ def _dir_bytes(path: Path) -> int:
 
 
 def test_flooding_the_containers_stdout_fills_no_host_disk(module_session, docker):
-    """1 GB to PID 1's stdout (and 256 MB to its stderr): with log driver "none", Docker stores none of it."""
+    """1 GB to PID 1's stdout (and 256 MB to its stderr): with log driver "none", Docker stores none of it.
+
+    On attach PID 1 is the relay, whose stdout is the stream to the host: it is non-dumpable, so its fds
+    cannot even be opened (the kernel's own stdout and stderr are ipykernel's, whose output is bounded by
+    max_output_bytes: test_output_abuse.py)."""
     cid = module_session.container_id
     info = docker.api.inspect_container(cid)
     assert info["HostConfig"]["LogConfig"]["Type"] == "none"
     assert info["LogPath"] == ""
     cdir = Path(docker.info()["DockerRootDir"]) / "containers" / cid
     before = _dir_bytes(cdir)
+    if module_session.transport != "ipc":
+        refused = inside(module_session, """
+import json, os
+res = []
+for target in ('/proc/1/fd/0', '/proc/1/fd/1', '/proc/1/fd/2'):
+    try:
+        os.close(os.open(target, os.O_WRONLY)); res.append('opened')
+    except OSError as e:
+        res.append(e.errno)
+print(json.dumps(res))
+""")
+        assert refused == [EACCES] * 3
+        assert _dir_bytes(cdir) - before < MB
+        assert docker.api.inspect_container(cid)["LogPath"] == ""
+        assert_healthy(module_session)
+        return
     out = inside(module_session, """
 import json, os
 buf = b'x' * (1 << 20)

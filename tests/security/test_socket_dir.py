@@ -22,6 +22,9 @@ from .conftest import LIBC, assert_healthy, assert_nothing_left, inside
 
 EPERM, EACCES, EXDEV = 1, 13, 18
 
+#: The attach transport mounts no host directory: these attacks have no target there.
+pytestmark = pytest.mark.ipc
+
 
 
 def _require_root() -> None:

@@ -302,6 +302,8 @@ def main(boot: dict[str, Any]) -> None:
                 return
             if pid == 0:
                 return
+            if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
+                continue  # a traced child stopping (the code made pid 1 its tracer): not an exit
             if pid == kernel:
                 kernel_exited(status)
 
