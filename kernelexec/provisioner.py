@@ -36,7 +36,7 @@ from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Unicode
 
 from ._loop import LoopThread
-from .backend import install_exit_hooks
+from .backend import default_backend
 from .container import PORTS
 from .dockerapi import NotFound, api
 from .errors import SandboxError
@@ -122,7 +122,7 @@ class KernelExecProvisioner(KernelProvisionerBase):
         return await super().pre_launch(cmd=[KERNEL_PYTHON], **kwargs)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        install_exit_hooks()  # from the caller's thread: the session starts on the loop thread
+        default_backend().install_exit_hooks()  # from the caller's thread: the session starts on the loop thread
         fields: dict[str, Any] = {k: v for k, v in (("image", self.image), ("transport", self.transport)) if v}
         policy = Policy(**fields) if fields else None  # unset fields stay the profile's
         acquired = self._thread is None

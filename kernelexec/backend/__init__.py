@@ -24,7 +24,7 @@ from ..policy import Policy
 from .base import Backend, Channels, ChannelsClosed, Sandbox
 
 __all__ = ["Backend", "Channels", "ChannelsClosed", "DockerBackend", "Sandbox", "choose_transport",
-           "default_backend", "install_exit_hooks", "new_sandbox", "prepare"]
+           "default_backend"]
 
 #: Runtimes that cannot use a unix socket bind-mounted from the host (Debian's runsc has no
 #: --host-uds): their sessions go over attach.
@@ -45,34 +45,6 @@ def choose_transport(policy: Policy) -> tuple[str, str]:
     return "ipc", "a local engine with a runtime that shares unix sockets"
 
 
-def new_sandbox(policy: Policy, image: str, key: bytes, session_id: str) -> Sandbox:
-    """A sandbox for one session (not yet created)."""
-    from ..container import ConnectionInfo, IpcSandbox
-
-    conn = ConnectionInfo(key=key, session_id=session_id)
-    transport, _ = choose_transport(policy)
-    if transport == "attach":
-        from .attach.engine import AttachSandbox
-
-        return AttachSandbox(policy, image, conn)
-    return IpcSandbox(policy, image, conn)
-
-
-async def prepare() -> None:
-    """Before a start: remove what dead owners left, retry cleanups that failed."""
-    from ..container import retry_failed_cleanups, startup_gc
-
-    await startup_gc()
-    await retry_failed_cleanups()
-
-
-def install_exit_hooks() -> None:
-    """Remove live sandboxes at exit and on SIGTERM/SIGHUP (see :func:`kernelexec.container.install_exit_hooks`)."""
-    from ..container import install_exit_hooks as install
-
-    install()
-
-
 class DockerBackend(Backend):
     """Sandboxes on the Docker engine of this process's environment (``DOCKER_HOST``, contexts), over
     the transport :func:`choose_transport` picks. The default backend."""
@@ -80,13 +52,28 @@ class DockerBackend(Backend):
     name = "docker"
 
     def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str) -> Sandbox:
-        return new_sandbox(policy, image, key, session_id)
+        from ..container import ConnectionInfo, IpcSandbox
+
+        conn = ConnectionInfo(key=key, session_id=session_id)
+        transport, _ = choose_transport(policy)
+        if transport == "attach":
+            from .attach.engine import AttachSandbox
+
+            return AttachSandbox(policy, image, conn)
+        return IpcSandbox(policy, image, conn)
 
     async def prepare(self) -> None:
-        await prepare()
+        """Before a start: remove what dead owners left, retry cleanups that failed."""
+        from ..container import retry_failed_cleanups, startup_gc
+
+        await startup_gc()
+        await retry_failed_cleanups()
 
     def install_exit_hooks(self) -> None:
-        install_exit_hooks()
+        """Remove live sandboxes at exit and on SIGTERM/SIGHUP (see :func:`kernelexec.container.install_exit_hooks`)."""
+        from ..container import install_exit_hooks as install
+
+        install()
 
 
 _DOCKER = DockerBackend()
