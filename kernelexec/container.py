@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ._loop import run_blocking
-from .backend.base import Channels
+from .backend.base import Channels, EgressHandler
 from .backend.base import Sandbox as BaseSandbox
+from .backend.streams import HandlerTasks
 from .dockerapi import DockerAPIError, NotFound, api, close_stream
 from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxLost, SandboxStartError
 from .policy import (
+    EGRESS_SOCKET,
     KERNEL_PYTHON,
     OWNER_SOCKET,
     SOCKET_MOUNT,
@@ -182,7 +184,11 @@ class DockerSandbox(BaseSandbox):
     SIGTERM call.
     """
 
-    def __init__(self, policy: Policy, image: str, conn: ConnectionInfo) -> None:
+    def __init__(self, policy: Policy, image: str, conn: ConnectionInfo, *,
+                 egress: EgressHandler | None = None) -> None:
+        if policy.egress and egress is None:
+            raise SandboxStartError("Policy.egress names what the code may reach, but the session gave no egress "
+                                    "proxy to carry it; make sessions through AsyncSession/Session")
         self.policy = policy
         self.image = image
         self.conn = conn
@@ -198,6 +204,9 @@ class DockerSandbox(BaseSandbox):
         self._destroyed = False
         self._channels: Channels | None = None
         self._channels_loop: asyncio.AbstractEventLoop | None = None
+        #: the connections the code opens to its egress port, each handled by the session's proxy
+        self.egress = HandlerTasks(egress, self.name) if policy.egress and egress is not None else None
+        self._egress_server: asyncio.AbstractServer | None = None
 
     @property
     def name(self) -> str:
@@ -347,8 +356,15 @@ class DockerSandbox(BaseSandbox):
 
     async def _destroy(self) -> None:
         errors: list[BaseException] = []
-        if self._channels is not None and self._channels_loop is asyncio.get_running_loop():
-            await self._channels.close()  # idempotent; from another loop (atexit, a signal) the process is going
+        if self._channels_loop is asyncio.get_running_loop():
+            # idempotent; from another loop (atexit, a signal) the process is going
+            if self._channels is not None:
+                await self._channels.close()
+            if self._egress_server is not None:
+                self._egress_server.close()
+                await self._egress_server.wait_closed()
+            if self.egress is not None:
+                await self.egress.close()
         if self.owner is not None:
             self.owner.close()
         docker = api()
@@ -418,9 +434,28 @@ class IpcSandbox(DockerSandbox):
         if self.policy.fast_kernel:
             self.sockdir.write_file(LAUNCH_FILE, kernel_launch_source())
         sockdir = str(self.sockdir.path)
-        await self._create_container(self.labels(), lambda volume: container_config(
-            self.policy, image=self.image, command=self.command(), uid=self.uid, gid=self.gid,
-            socket_dir=sockdir, work_volume=volume, labels=self.labels()))
+        if self.egress is not None:
+            await self._serve_egress()
+
+        def body_for(volume: str) -> dict[str, Any]:
+            body = container_config(self.policy, image=self.image, command=self.command(), uid=self.uid,
+                                    gid=self.gid, socket_dir=sockdir, work_volume=volume, labels=self.labels())
+            if self.egress is not None:  # where the kernel's forwarder carries the code's egress connections
+                body["Env"].append(f"KERNELEXEC_EGRESS_SOCKET={SOCKET_MOUNT}/{EGRESS_SOCKET}")
+            return body
+
+        await self._create_container(self.labels(), body_for)
+
+    async def _serve_egress(self) -> None:
+        """Listen on the egress socket in the socket directory: only the sandbox's uid may connect."""
+        assert self.sockdir is not None and self.egress is not None
+        path = self.sockdir.path / EGRESS_SOCKET
+        self._channels_loop = asyncio.get_running_loop()
+        self._egress_server = await asyncio.start_unix_server(self.egress.on_connection, path=str(path),
+                                                              limit=1 << 16)
+        if os.geteuid() == 0:
+            os.chown(path, self.uid, self.gid, follow_symlinks=False)
+        os.chmod(path, 0o600)  # the directory is ours and the container not yet started: no link to follow
 
     async def open(self) -> Channels:
         """Start; wait for the kernel's sockets (or its early exit), connect to the verified inodes."""

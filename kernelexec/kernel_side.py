@@ -32,9 +32,95 @@ The host enforces its own bounds on everything the kernel sends.
 * Output beyond ``KERNELEXEC_MAX_OUTPUT`` bytes per cell is dropped here, with
   a marker, so that a 1 GB print or a 200 MB figure is cut before it crosses
   the socket instead of being refused by the host.
+* ``%pip install`` either works (a session with ``Policy.egress``: pip reaches the index through
+  the egress port, installs into the session's site directory, and the package imports at once)
+  or says in one line why it cannot, instead of a minute of pip retrying a network that is not
+  there. On the ipc transport a small forwarder process carries the egress port's connections to
+  the host's socket; on attach the relay (pid 1) carries them itself.
 """
 
 # This file is executed with exec() in the kernel's namespace; keep its names private.
+
+# The ipc transport's egress forwarder: its own process (the code cannot stall it by holding the
+# GIL), handed the listening socket already bound so no connection can come before it listens.
+_KERNELEXEC_FORWARDER = """
+import asyncio, os, socket, sys
+listener = socket.socket(fileno=int(sys.argv[1]))
+path = sys.argv[2]
+async def pump(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        if w.can_write_eof():
+            w.write_eof()
+    except (ConnectionError, OSError):
+        w.close()
+async def serve(r, w):
+    try:
+        ur, uw = await asyncio.open_unix_connection(path)
+    except OSError:
+        w.close()
+        return
+    try:
+        await asyncio.gather(pump(r, uw), pump(ur, w))
+    finally:
+        uw.close()
+        w.close()
+async def main():
+    server = await asyncio.start_server(serve, sock=listener, limit=1 << 16)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
+def _kernelexec_egress(ip) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    port = os.environ.get("KERNELEXEC_EGRESS_PORT", "")
+    if not port:
+        def no_pip(line: str = "", cell: object = None) -> None:
+            import sys
+
+            print("kernelexec: %pip cannot reach a package index: this sandbox has no network egress. Ask for "
+                  "the package in the image (`kernelexec image build --with PKG`, or packages= in the policy or "
+                  "profile), or allow an index: Policy(egress=('pypi',))", file=sys.stderr)
+
+        ip.register_magic_function(no_pip, "line", "pip")
+        return
+
+    # pip's --prefix makes the site-packages directory on the first install; made now, so that the path
+    # entry (PYTHONPATH) is a directory the import system looks into, not one it noted as missing
+    import sys
+
+    site = os.environ.get("PYTHONPATH", "")
+    if site.startswith(os.environ.get("PIP_PREFIX", "") or "-"):
+        os.makedirs(site, exist_ok=True)
+        sys.path_importer_cache.pop(site, None)
+
+    sock = os.environ.get("KERNELEXEC_EGRESS_SOCKET", "")
+    if sock:
+        import socket
+        import subprocess
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", int(port)))
+        listener.listen(64)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _KERNELEXEC_FORWARDER, str(listener.fileno()), sock],  # noqa: F821
+            pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+        listener.close()
+        ip.user_ns_hidden["_kernelexec_forwarder"] = proc  # held: its exit status is ours to read
+
+    pip = ip.find_line_magic("pip")
+    if pip is not None:
+        def pip_then_import(line: str = "") -> None:
+            import importlib
+
+            pip(line)
+            importlib.invalidate_caches()  # what pip just wrote is importable in the next line
+
+        ip.register_magic_function(pip_then_import, "line", "pip")
 
 
 def _kernelexec_safe_messages(ip) -> None:  # type: ignore[no-untyped-def]
@@ -277,6 +363,8 @@ def _kernelexec_setup() -> None:
     for name in ("exit", "quit"):
         ip.user_ns[name] = ip.user_ns_hidden[name] = _Exit(name)
 
+    _kernelexec_egress(ip)  # noqa: F821  (defined above; deleted from the namespace after setup)
+
     # A kernel's first cell pays for lazy imports and first-use set-up (about 5 ms); a pooled session's
     # first user gets that cell. Run one silent cell now, while the host is still waiting for the kernel.
     ip.run_cell("1", store_history=False, silent=True)
@@ -361,4 +449,4 @@ def _kernelexec_setup() -> None:
 
 
 _kernelexec_setup()
-del _kernelexec_setup, _kernelexec_safe_messages
+del _kernelexec_setup, _kernelexec_safe_messages, _kernelexec_egress, _KERNELEXEC_FORWARDER

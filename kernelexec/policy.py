@@ -30,6 +30,14 @@ SOCKET_MOUNT = "/run/kernelexec"
 KERNEL_PYTHON = "/opt/kernel/bin/python"
 #: The socket the host holds open for the kernel's orphan watchdog.
 OWNER_SOCKET = "owner"
+#: The loopback port in the container where the code reaches the egress proxy (only with Policy.egress).
+EGRESS_PORT = 3128
+#: The socket on the host that the ipc transport carries egress connections to.
+EGRESS_SOCKET = "egress"
+#: Where ``%pip install`` puts packages: a tmpfs of its own, only with Policy.egress. The one place the
+#: code may write and execute (compiled extensions must be mapped executable); gone with the session.
+SITE_DIR = "/opt/kernelexec/site"
+SITE_PACKAGES = f"{SITE_DIR}/lib/python3.11/site-packages"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -155,6 +163,11 @@ class Policy:
     #: engine's attach stream otherwise: remote engines, gVisor), ``"ipc"`` or ``"attach"``. Both
     #: keep every other setting: no network, nothing of the host mounted but (ipc) the socket directory.
     transport: Literal["auto", "ipc", "attach"] = "auto"
+    #: What the code may reach over HTTP(S), through the session's egress proxy (see kernelexec.egress).
+    #: Empty: no egress at all, no proxy port in the container.
+    egress: tuple[str, ...] = ()
+    #: The tmpfs ``%pip install`` writes to, only mounted with egress; counted in the memory limit.
+    site_size: int | str = "512m"
 
     def __post_init__(self) -> None:
         for name in _SIZE_FIELDS:
@@ -335,6 +348,13 @@ def container_config(
         "KERNELEXEC_ORPHAN_TIMEOUT": str(policy.orphan_timeout),
         "KERNELEXEC_OWNER_SOCKET": f"{SOCKET_MOUNT}/{OWNER_SOCKET}",
     }
+    tmpfs = {
+        "/tmp": f"{tmpfs_flags},size={parse_size(policy.tmp_size)},mode=1777",
+        HOME: f"{tmpfs_flags},size={parse_size(policy.home_size)},uid={uid},gid={gid},mode=0700",
+    }
+    if policy.egress:
+        env.update(egress_env())
+        tmpfs[SITE_DIR] = f"rw,exec,nosuid,nodev,size={parse_size(policy.site_size)},uid={uid},gid={gid},mode=0700"
     env.update(policy.env)
     memory = parse_size(policy.memory)
     fsize = parse_size(policy.max_file_size)
@@ -363,10 +383,7 @@ def container_config(
             {"Name": "core", "Soft": 0, "Hard": 0},
         ],
         "ShmSize": parse_size(policy.shm_size),
-        "Tmpfs": {
-            "/tmp": f"{tmpfs_flags},size={parse_size(policy.tmp_size)},mode=1777",
-            HOME: f"{tmpfs_flags},size={parse_size(policy.home_size)},uid={uid},gid={gid},mode=0700",
-        },
+        "Tmpfs": tmpfs,
         "Mounts": mounts,
         "LogConfig": {"Type": policy.log_driver,
                       "Config": {"max-size": "1m", "max-file": "1"} if policy.log_driver == "local" else {}},
@@ -391,6 +408,26 @@ def container_config(
         "OpenStdin": False,
         "Tty": False,
         "HostConfig": host_config,
+    }
+
+
+def egress_env() -> dict[str, str]:
+    """What points the code's HTTP clients and pip at the egress port, and pip at the site directory.
+
+    pip's ``--prefix`` (not ``--target``, which reinstalls every dependency the image already has)
+    with the prefix's site-packages on ``PYTHONPATH``: installed packages import at once, and pip
+    sees what the image has."""
+    proxy = f"http://127.0.0.1:{EGRESS_PORT}"
+    return {
+        "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy, "https_proxy": proxy,
+        "NO_PROXY": "", "no_proxy": "",
+        "KERNELEXEC_EGRESS_PORT": str(EGRESS_PORT),
+        "PYTHONPATH": SITE_PACKAGES,
+        "PIP_PREFIX": SITE_DIR,
+        "PIP_NO_CACHE_DIR": "1",  # the cache would hold a second copy in the home directory's tmpfs
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_INPUT": "1",
+        "PIP_PROGRESS_BAR": "off",
     }
 
 

@@ -17,8 +17,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernelexec.backend.attach.framing import (
-    CONTROL, FROM_RELAY, HEADER, IOPUB, LINK, LOG, MAGIC, SHELL, STDIN, TO_RELAY, VERSION, Decoder, DockerDemux,
-    Frame, FramingError, Limits, decode_boot_header, decode_link, decode_log, encode, encode_boot, encode_link,
+    CONTROL,
+    FROM_RELAY,
+    HEADER,
+    IOPUB,
+    LINK,
+    LOG,
+    MAGIC,
+    SHELL,
+    STDIN,
+    TO_RELAY,
+    VERSION,
+    Decoder,
+    DockerDemux,
+    Frame,
+    FramingError,
+    Limits,
+    decode_boot_header,
+    decode_link,
+    decode_log,
+    encode,
+    encode_boot,
+    encode_link,
     encode_log,
 )
 from kernelexec.backend.attach.relay import BOOTSTRAP
@@ -381,3 +401,34 @@ def test_fuzz_hunt_finds_frames_after_garbage(garbage: bytes, frames: list[tuple
     except FramingError:
         return  # garbage that made a valid header by chance and then broke: refused, not misread
     assert [(f.channel, f.parts) for f in got][-len(frames):] == frames
+
+
+def test_net_operations_round_trip_and_refuse_malformed() -> None:
+    from kernelexec.backend.attach.framing import (
+        NET,
+        NET_CHUNK,
+        NET_CLOSE,
+        NET_CREDIT,
+        NET_DATA,
+        NET_OPEN,
+        decode_net,
+        encode_net,
+    )
+
+    limits = Limits()
+    dec = Decoder(limits, TO_RELAY)
+    for i, (op, data) in enumerate([(NET_OPEN, b""), (NET_DATA, b"x" * NET_CHUNK), (NET_DATA, b""),
+                                    (NET_CREDIT, (1234).to_bytes(4, "big")), (NET_CLOSE, b"")]):
+        dec.feed(b"".join(encode_net(i, op, 7, limits, data)))
+        frame = dec.next()
+        assert frame is not None and frame.channel == NET
+        assert decode_net(frame.parts) == (op, 7, data)
+    with pytest.raises(FramingError, match="a net message of") as too_big:
+        encode_net(0, NET_DATA, 1, limits, b"x" * (NET_CHUNK + 1))
+    assert too_big.value.kind == "size"
+    head = (NET_OPEN).to_bytes(1, "big") + (3).to_bytes(4, "big")
+    for parts in ([b"\x09" + (3).to_bytes(4, "big")], [head, b"abc"], [(NET_CREDIT).to_bytes(1, "big") + b"\0\0\0\1"],
+                  [head[:3]], [head, b"", b""]):
+        with pytest.raises(FramingError) as e:
+            decode_net(parts)
+        assert e.value.kind == "net"

@@ -21,9 +21,9 @@ processes, with no isolation: a test double and a development backend, never cho
 from __future__ import annotations
 
 from ..policy import Policy
-from .base import Backend, Channels, ChannelsClosed, Sandbox
+from .base import Backend, ByteStream, Channels, ChannelsClosed, EgressHandler, Sandbox
 
-__all__ = ["Backend", "Channels", "ChannelsClosed", "DockerBackend", "Sandbox", "choose_transport",
+__all__ = ["Backend", "ByteStream", "Channels", "ChannelsClosed", "DockerBackend", "Sandbox", "choose_transport",
            "default_backend"]
 
 #: Runtimes that cannot use a unix socket bind-mounted from the host (Debian's runsc has no
@@ -51,7 +51,8 @@ class DockerBackend(Backend):
 
     name = "docker"
 
-    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str) -> Sandbox:
+    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str, *,
+                    egress: EgressHandler | None = None) -> Sandbox:
         from ..container import ConnectionInfo, IpcSandbox
 
         conn = ConnectionInfo(key=key, session_id=session_id)
@@ -59,8 +60,8 @@ class DockerBackend(Backend):
         if transport == "attach":
             from .attach.engine import AttachSandbox
 
-            return AttachSandbox(policy, image, conn)
-        return IpcSandbox(policy, image, conn)
+            return AttachSandbox(policy, image, conn, egress=egress)
+        return IpcSandbox(policy, image, conn, egress=egress)
 
     async def prepare(self) -> None:
         """Before a start: remove what dead owners left, retry cleanups that failed."""

@@ -10,13 +10,16 @@ the peer broke the framing).
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..errors import KernelDied
     from ..policy import Policy
 
-__all__ = ["CHANNELS", "Backend", "Channels", "ChannelsClosed", "Sandbox"]
+__all__ = ["CHANNELS", "Backend", "ByteStream", "Channels", "ChannelsClosed", "EgressHandler", "Sandbox",
+           "StreamPair"]
 
 #: The channels a client may receive on; it sends on all of them but ``iopub``.
 CHANNELS = ("shell", "control", "stdin", "iopub")
@@ -74,6 +77,74 @@ class Channels(abc.ABC):
         """Release the transport (its tasks, connections and fds). Idempotent.
 
         Closing the channels does not end the kernel; the sandbox's lifecycle does."""
+
+
+class ByteStream(abc.ABC):
+    """One TCP connection the sandbox's code opened to its egress port, carried to the host.
+
+    The container has no network interface: the sandbox side listens on a loopback port and
+    carries each connection over the session's own transport (a unix socket next to the kernel's
+    on ipc, a multiplexed stream on attach). The host's egress proxy reads the code's request
+    from it and decides; it never learns which transport carried the bytes."""
+
+    @abc.abstractmethod
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` the code sent; ``b""`` once it closed its side (or the stream broke)."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Send ``data`` to the code; returns once the transport accepted it (backpressure).
+
+        Raises ConnectionError when the code's side is gone."""
+
+    async def write_eof(self) -> None:  # noqa: B027 (optional: a transport without half-close closes instead)
+        """No more data to the code; reading goes on (TCP half-close)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """End the connection both ways. Idempotent."""
+
+
+#: What a sandbox calls for each connection its code opens to the egress port; the sandbox closes
+#: the stream when it returns.
+EgressHandler = Callable[[ByteStream], Awaitable[None]]
+
+
+class StreamPair(ByteStream):
+    """A :class:`ByteStream` over an asyncio connection (a unix socket on ipc, TCP in the tests)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self._closed = False
+
+    async def read(self, max_bytes: int) -> bytes:
+        try:
+            return await self.reader.read(max_bytes)
+        except ConnectionError:
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise ConnectionResetError("the stream was closed")
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def write_eof(self) -> None:
+        if not self._closed and self.writer.can_write_eof() and not self.writer.is_closing():
+            try:
+                self.writer.write_eof()
+            except OSError:
+                pass  # the peer is gone; reading will say so
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass  # closing a connection the peer already reset: closed is what we wanted
 
 
 class Sandbox(abc.ABC):
@@ -152,8 +223,13 @@ class Backend(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str) -> Sandbox:
-        """A sandbox for one session, not yet created; ``key`` is the kernel's HMAC key."""
+    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str, *,
+                    egress: EgressHandler | None = None) -> Sandbox:
+        """A sandbox for one session, not yet created; ``key`` is the kernel's HMAC key.
+
+        With ``egress`` (the session's egress proxy), the sandbox offers its code a loopback port
+        (``EGRESS_PORT``) whose connections reach ``egress`` on this host; without it, no such
+        port exists. A backend that cannot carry them raises rather than open the network."""
 
     async def prepare(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
         """Before each start: remove what owners that died left, retry cleanups that failed."""

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import KernelDied, SandboxError, SandboxStartError
 from ..policy import OWNER_SOCKET, WORKDIR, Policy, parse_size
 from ..sockdir import CONNECTION_FILE, SOCKET_BASENAME, wait_for_paths
-from .base import Backend, Channels, Sandbox
+from .base import Backend, Channels, EgressHandler, Sandbox
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ipc import ZmqChannels
@@ -68,7 +68,11 @@ class LocalBackend(Backend):
         self.python = python or sys.executable
         self.startup = startup
 
-    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str) -> LocalSandbox:
+    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str, *,
+                    egress: EgressHandler | None = None) -> LocalSandbox:
+        if egress is not None:
+            raise SandboxStartError("the local backend runs kernels on this host, with its network: it cannot hold "
+                                    "their traffic to Policy.egress. Use the Docker backend for sessions with egress")
         return LocalSandbox(policy, key, session_id, python=self.python, startup=self.startup)
 
 

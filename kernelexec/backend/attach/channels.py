@@ -9,6 +9,10 @@ the way to the kernel's IOPub, never growth here. The reader reads whatever chan
 last, so a client must keep receiving IOPub while it waits for a reply (as every Jupyter client
 does).
 
+Egress connections (``Policy.egress``) share the stream on the ``net`` channel: each is a
+:class:`~..base.ByteStream` handed to the sandbox's :class:`~..streams.HandlerTasks`, bounded by
+per-connection credit, so the reader never waits on one and never buffers more than a window each.
+
 Liveness both ways: the host sends a keepalive every ``keepalive`` seconds and the relay echoes
 it; the relay ends the sandbox when the host's bytes stop for ``orphan_timeout``, and the host
 declares the relay gone when its bytes stop for ``dead_after`` while the reader waits for them.
@@ -21,17 +25,28 @@ import contextlib
 import logging
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ...dockerapi import close_stream
-from ..base import Channels, ChannelsClosed
+from ..base import ByteStream, Channels, ChannelsClosed
+from ..streams import HandlerTasks
 from .framing import (
     CHANNEL_IDS,
     CHANNEL_NAMES,
     FROM_RELAY,
     LINK,
     LOG,
+    NET,
+    NET_CHUNK,
+    NET_CLOSE,
+    NET_CREDIT,
+    NET_DATA,
+    NET_EOF,
+    NET_MAX_CONNECTIONS,
+    NET_OPEN,
+    NET_WINDOW,
     Decoder,
     DockerDemux,
     Frame,
@@ -39,8 +54,10 @@ from .framing import (
     Limits,
     decode_link,
     decode_log,
+    decode_net,
     encode,
     encode_link,
+    encode_net,
 )
 
 log = logging.getLogger("kernelexec")
@@ -144,8 +161,11 @@ class AttachChannels(Channels):
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits, *,
-                 keepalive: float, dead_after: float) -> None:
+                 keepalive: float, dead_after: float, egress: HandlerTasks | None = None) -> None:
         self.limits = limits
+        #: runs the session's proxy on each connection the code opens to the egress port
+        self.egress = egress
+        self._net: dict[int, _NetStream] = {}
         self.keepalive = keepalive
         self.dead_after = dead_after
         #: the kernel's pid in the container, from the relay's hello
@@ -175,9 +195,10 @@ class AttachChannels(Channels):
 
     @classmethod
     async def open(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, boot: bytes, limits: Limits, *,
-                   keepalive: float, dead_after: float, timeout: float) -> AttachChannels:
+                   keepalive: float, dead_after: float, timeout: float,
+                   egress: HandlerTasks | None = None) -> AttachChannels:
         """Send the bootstrap hello and wait (at most ``timeout``) for the relay's own hello."""
-        self = cls(reader, writer, limits, keepalive=keepalive, dead_after=dead_after)
+        self = cls(reader, writer, limits, keepalive=keepalive, dead_after=dead_after, egress=egress)
         try:
             self._start_tasks()
             async with self._lock:
@@ -253,6 +274,9 @@ class AttachChannels(Channels):
         if final is not None:
             raise _again(final)
         await self._stop_tasks()
+        lost_streams = list(self._net.values())
+        for stream in lost_streams:  # bytes of theirs were in what the engine dropped: their place is lost
+            stream.reset()
         old, self._reader, self._writer = self._writer, reader, writer
         await close_stream(old)
         self._demux = DockerDemux()
@@ -276,6 +300,8 @@ class AttachChannels(Channels):
         except ChannelsClosed as e:
             self._fail(e)
             raise
+        for stream in lost_streams:
+            await stream.close()  # tells the relay to close the code's end
         return Resync(frames_lost=lost, bytes_skipped=self._decoder.dropped)
 
     def stderr_text(self) -> str:
@@ -289,11 +315,18 @@ class AttachChannels(Channels):
     # -- internals ---------------------------------------------------------------------------
 
     async def _send(self, channel: int, frames: list[bytes], link: dict[str, Any] | None = None) -> None:
+        await self._write(lambda seq: encode_link(seq, link, self.limits) if link is not None
+                          else encode(channel, seq, frames, self.limits))
+
+    async def _send_net(self, op: int, conn: int, data: bytes = b"") -> None:
+        await self._write(lambda seq: encode_net(seq, op, conn, self.limits, data))
+
+    async def _write(self, frame_at: Callable[[int], list[bytes]]) -> None:
+        """One frame, numbered in the order frames leave (``frame_at(seq)`` encodes it)."""
         if self._error is not None:
             raise _again(self._error)
         async with self._lock:
-            chunks = (encode_link(self._seq, link, self.limits) if link is not None
-                      else encode(channel, self._seq, frames, self.limits))
+            chunks = frame_at(self._seq)
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             try:
                 self._writer.writelines(chunks)
@@ -308,6 +341,8 @@ class AttachChannels(Channels):
         if self._error is not None:
             return
         self._error = error
+        for stream in list(self._net.values()):
+            stream.reset()
         if not self._ended_fut.done():
             self._ended_fut.set_result(error)
         for box in self._boxes.values():
@@ -371,6 +406,9 @@ class AttachChannels(Channels):
         if frame.channel == LINK:
             self._on_link(frame, decode_link(frame.parts))
             return
+        if frame.channel == NET:
+            await self._on_net(*decode_net(frame.parts))
+            return
         if frame.channel == LOG:
             source, data = decode_log(frame.parts)
             self._log.append((source, data))
@@ -387,6 +425,31 @@ class AttachChannels(Channels):
             if self._error is not None:
                 return
         box.put(frame.parts)
+
+    async def _on_net(self, op: int, conn: int, data: bytes) -> None:
+        """One operation of the relay on an egress connection; never waits on the connection's reader."""
+        stream = self._net.get(conn)
+        if op == NET_OPEN and stream is None:
+            if self.egress is None or len(self._net) >= NET_MAX_CONNECTIONS:
+                await self._send_net(NET_CLOSE, conn)  # the relay listens only with egress; refuse, do not trust
+                return
+            stream = self._net[conn] = _NetStream(self, conn)
+            self.egress.spawn(stream)
+        elif stream is None:
+            if op != NET_CLOSE:
+                await self._send_net(NET_CLOSE, conn)  # a connection this host no longer knows (a re-attach)
+        elif op == NET_DATA:
+            if not stream.feed(data):
+                log.warning("the relay sent more than the window on egress connection %d; closing it", conn)
+                stream.reset()
+                await stream.close()
+        elif op == NET_EOF:
+            stream.feed_eof()
+        elif op == NET_CLOSE:
+            stream.reset(relay_closed=True)
+            self._net.pop(conn, None)
+        elif op == NET_CREDIT:
+            stream.grant(int.from_bytes(data, "big"))
 
     def _on_link(self, frame: Frame, msg: dict[str, Any]) -> None:
         kind = msg["type"]
@@ -443,6 +506,96 @@ class AttachChannels(Channels):
         except Exception as e:  # a bug of ours
             log.exception("attach keepalive failed")
             self._fail(_closed(f"the attach keepalive failed: {e!r}", e))
+
+
+class _NetStream(ByteStream):
+    """One egress connection on the net channel: what the relay sent waits here (at most a
+    window: the relay sends no more than this end has credited), writes wait for the relay's credit."""
+
+    def __init__(self, channels: AttachChannels, conn: int) -> None:
+        self._channels = channels
+        self.conn = conn
+        self._buf = bytearray()
+        self._eof = False
+        self._dead = False  # reset by the relay or the stream: nothing more either way
+        self._relay_closed = False
+        self._closed = False
+        self._readable = asyncio.Event()
+        self._credit = NET_WINDOW
+        self._credited = asyncio.Event()
+        self._credited.set()
+        self._consumed = 0
+
+    def feed(self, data: bytes) -> bool:
+        """False when the relay broke the window (the connection is then closed)."""
+        if len(self._buf) + len(data) > NET_WINDOW:
+            return False
+        self._buf += data
+        self._readable.set()
+        return True
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._readable.set()
+
+    def grant(self, n: int) -> None:
+        self._credit = min(self._credit + n, NET_WINDOW)
+        self._credited.set()
+
+    def reset(self, relay_closed: bool = False) -> None:
+        self._relay_closed = self._relay_closed or relay_closed
+        self._dead = self._eof = True
+        self._readable.set()
+        self._credited.set()
+
+    async def read(self, max_bytes: int) -> bytes:
+        while not self._buf and not self._eof:
+            self._readable.clear()
+            await self._readable.wait()
+        if not self._buf:
+            return b""
+        data = bytes(self._buf[:max_bytes])
+        del self._buf[:len(data)]
+        self._consumed += len(data)
+        if self._consumed >= NET_WINDOW // 4 and not self._dead:
+            consumed, self._consumed = self._consumed, 0
+            await self._send(NET_CREDIT, consumed.to_bytes(4, "big"))
+        return data
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            while self._credit <= 0 and not self._dead:
+                self._credited.clear()
+                await self._credited.wait()
+            if self._dead or self._closed:
+                raise ConnectionResetError("the code's connection to the egress port is closed")
+            n = min(len(view), self._credit, NET_CHUNK)
+            await self._send(NET_DATA, bytes(view[:n]))
+            self._credit -= n
+            view = view[n:]
+
+    async def write_eof(self) -> None:
+        if not self._dead and not self._closed:
+            await self._send(NET_EOF)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._channels._net.get(self.conn) is self:
+            del self._channels._net[self.conn]
+        self.reset()
+        if not self._relay_closed:
+            with contextlib.suppress(ConnectionResetError):  # the whole stream is gone: so is this connection
+                await self._send(NET_CLOSE)
+
+    async def _send(self, op: int, data: bytes = b"") -> None:
+        try:
+            await self._channels._send_net(op, self.conn, data)
+        except ChannelsClosed as e:
+            self.reset()
+            raise ConnectionResetError(f"the sandbox's stream is gone: {e.reason}") from e
 
 
 def _closed(reason: str, cause: BaseException) -> ChannelsClosed:

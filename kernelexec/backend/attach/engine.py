@@ -28,7 +28,7 @@ from ...container import (
 )
 from ...dockerapi import DockerAPI, api, close_stream
 from ...errors import SandboxError
-from ...policy import KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, parse_size
+from ...policy import EGRESS_PORT, KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, parse_size
 from ...sockdir import CONNECTION_FILE
 from ..base import Channels, ChannelsClosed
 from .channels import AttachChannels
@@ -94,6 +94,7 @@ def boot_message(policy: Policy, key: bytes, session_id: str) -> bytes:
         "dir": RELAY_DIR, "ip": conn["ip"], "ports": {name: port for name, port in PORTS.items()},
         "files": files, "argv": kernel_argv(policy), "limits": limits_for(policy).to_dict(),
         "orphan_timeout": policy.orphan_timeout,
+        "egress_port": EGRESS_PORT if policy.egress else 0,
     }
     return encode_boot({"relay": _source("relay.py"), "framing": _source("framing.py"), "config": config})
 
@@ -140,7 +141,7 @@ class AttachSandbox(DockerSandbox):
             channels = await AttachChannels.open(
                 reader, writer, boot_message(self.policy, self.conn.key, self.conn.session_id),
                 limits_for(self.policy), keepalive=keepalive_interval(self.policy),
-                dead_after=self.policy.orphan_timeout, timeout=self.policy.start_timeout)
+                dead_after=self.policy.orphan_timeout, timeout=self.policy.start_timeout, egress=self.egress)
         except ChannelsClosed as e:
             raise await self._start_failed(e.reason, "before it was ready") from e
         self._channels, self._channels_loop = channels, asyncio.get_running_loop()

@@ -8,7 +8,7 @@ One frame, big-endian::
     header (24 bytes)
       magic      3s   b"KXA"
       version    B    1
-      channel    B    0 link, 1 shell, 2 iopub, 3 stdin, 4 control, 5 log
+      channel    B    0 link, 1 shell, 2 iopub, 3 stdin, 4 control, 5 log, 6 net
       flags      B    0 (anything else is refused: no silent extension)
       count      H    number of message parts, 1..max_frames
       seq        I    per direction, +1 per frame, from 0 (wraps at 2**32)
@@ -26,6 +26,11 @@ sequence number tells a lost or replayed frame from a clean stream; and a decode
 its place can *hunt* for the next valid header (a re-attached stream starts mid-frame).
 crc32 guards against desync, not forgery: what could forge a frame (code in the container)
 already holds the kernel's HMAC key, so a forged frame is no new power (see docs/security.md).
+
+The ``net`` channel carries the connections the code opens to the egress port (only with
+``Policy.egress``): each frame is one operation on one connection (:func:`encode_net`), with
+credit-based flow control per connection (a side sends at most ``NET_WINDOW`` bytes the other has
+not acknowledged), so one connection can neither starve the kernel's channels nor grow a buffer.
 
 Before any frame, the host sends the bootstrap hello (:func:`encode_boot`): ``b"KXB1"``, a
 4-byte length and a JSON document, read by the few lines of ``relay.BOOTSTRAP``.
@@ -51,8 +56,9 @@ except ImportError:  # inside the sandbox: the relay runs this file as source, w
 __all__ = [
     "BOOT_MAGIC", "CHANNEL_IDS", "CHANNEL_NAMES", "CONTROL", "DELIM", "DockerDemux", "Decoder", "FROM_RELAY",
     "Frame", "FramingError", "HEADER", "IOPUB", "LINK", "LINK_TYPES", "LOG", "Limits", "MAGIC", "SHELL", "STDIN",
-    "TO_RELAY", "VERSION", "decode_boot_header", "decode_link", "decode_log", "encode", "encode_boot",
-    "encode_link", "encode_log",
+    "NET", "NET_CHUNK", "NET_CLOSE", "NET_CREDIT", "NET_DATA", "NET_EOF", "NET_MAX_CONNECTIONS", "NET_OPEN",
+    "NET_WINDOW", "TO_RELAY", "VERSION", "decode_boot_header", "decode_link", "decode_log", "decode_net", "encode",
+    "encode_boot", "encode_link", "encode_log", "encode_net",
 ]
 
 MAGIC = b"KXA"
@@ -62,12 +68,26 @@ HEADER = struct.Struct(">3sBBBHIIII")
 _HEAD_CHECKED = HEADER.size - 4
 DELIM = b"<IDS|MSG>"
 
-LINK, SHELL, IOPUB, STDIN, CONTROL, LOG = range(6)
-CHANNEL_IDS = {"link": LINK, "shell": SHELL, "iopub": IOPUB, "stdin": STDIN, "control": CONTROL, "log": LOG}
+LINK, SHELL, IOPUB, STDIN, CONTROL, LOG, NET = range(7)
+CHANNEL_IDS = {"link": LINK, "shell": SHELL, "iopub": IOPUB, "stdin": STDIN, "control": CONTROL, "log": LOG,
+               "net": NET}
 CHANNEL_NAMES = {v: k for k, v in CHANNEL_IDS.items()}
 #: What each direction may carry: the host never sends iopub or log.
-TO_RELAY = frozenset({LINK, SHELL, STDIN, CONTROL})
-FROM_RELAY = frozenset({LINK, SHELL, IOPUB, STDIN, CONTROL, LOG})
+TO_RELAY = frozenset({LINK, SHELL, STDIN, CONTROL, NET})
+FROM_RELAY = frozenset({LINK, SHELL, IOPUB, STDIN, CONTROL, LOG, NET})
+
+#: Operations on the net channel. open (relay: the code connected; host: -), data (both), eof (both:
+#: no more data this way), close (both: the connection is over, both ways), credit (both: the
+#: sender may send this many more bytes, a 4-byte count).
+NET_OPEN, NET_DATA, NET_EOF, NET_CLOSE, NET_CREDIT = range(1, 6)
+NET_OPS = frozenset({NET_OPEN, NET_DATA, NET_EOF, NET_CLOSE, NET_CREDIT})
+NET_HEAD = struct.Struct(">BI")  # op, connection id
+#: Bytes in flight per connection and direction; the receiver grants more as it delivers them.
+NET_WINDOW = 256 << 10
+#: The largest data frame.
+NET_CHUNK = 64 << 10
+#: Connections the relay carries at once; more are closed as they come (the proxy caps far lower).
+NET_MAX_CONNECTIONS = 64
 
 #: Link messages, both directions. hello (relay: up), keepalive (host: ping, relay: echo), resync
 #: (host: nonce, relay: the same nonce), bye (host: end the sandbox), signal (host: signal the
@@ -85,7 +105,7 @@ class FramingError(ProtocolError):
     """The stream broke the framing or its bounds; ``kind`` names which rule.
 
     kinds: magic, version, checksum, flags, channel, count, size, sequence, truncated, buffer,
-    link, log, docker, boot.
+    link, log, net, docker, boot.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -121,6 +141,8 @@ class Limits:
         return HEADER.size + self.max_body_bytes + self.read_chunk
 
     def body_limit(self, channel: int) -> int:
+        if channel == NET:
+            return 8 + NET_HEAD.size + NET_CHUNK
         if channel == LINK:
             return self.max_link_bytes
         if channel == LOG:
@@ -196,6 +218,27 @@ def decode_log(parts: Sequence[bytes]) -> tuple[str, bytes]:
     if len(parts) != 2 or parts[0] not in LOG_SOURCES:
         raise FramingError("log", "a log message that is not (source, text)")
     return parts[0].decode(), parts[1]
+
+
+def encode_net(seq: int, op: int, conn: int, limits: Limits, data: bytes = b"") -> list[bytes]:
+    """One operation on connection ``conn``: data frames carry at most ``NET_CHUNK`` bytes."""
+    head = NET_HEAD.pack(op, conn & 0xFFFFFFFF)
+    return encode(NET, seq, [head, data] if data or op == NET_DATA else [head], limits)
+
+
+def decode_net(parts: Sequence[bytes]) -> tuple[int, int, bytes]:
+    """(op, connection, data) of a net frame; credit's data is its 4-byte count."""
+    if not 1 <= len(parts) <= 2 or len(parts[0]) != NET_HEAD.size:
+        raise FramingError("net", "a net message that is not (op and connection, data)")
+    op, conn = NET_HEAD.unpack(parts[0])
+    data = parts[1] if len(parts) == 2 else b""
+    if op not in NET_OPS:
+        raise FramingError("net", f"a net message with unknown operation {op}")
+    if op == NET_CREDIT and len(data) != 4:
+        raise FramingError("net", "a net credit that is not a 4-byte count")
+    if op not in (NET_CREDIT, NET_DATA) and len(parts) != 1:
+        raise FramingError("net", f"a net operation {op} that carries data")
+    return op, conn, data
 
 
 def encode_boot(payload: dict[str, Any]) -> bytes:

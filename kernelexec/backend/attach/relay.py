@@ -19,6 +19,9 @@ What the relay does, in one thread around one ``zmq.Poller``:
   messages both ways, framed (:mod:`.framing`); kernel output waits in a bounded queue, beyond
   which the relay stops reading the kernel (backpressure down to the kernel's IOPub);
 * forwards the kernel's own stdout/stderr on the bounded ``log`` channel;
+* with egress (``Policy.egress``), listens on the loopback egress port before the kernel starts
+  (so no code can take it) and carries each connection on the ``net`` channel, credit-bounded
+  per connection; the host's proxy decides what the connection may reach;
 * reaps every zombie and forwards SIGTERM/SIGINT to the kernel, as pid 1 must;
 * ends the sandbox when the host's bytes stop for ``orphan_timeout`` (the host echoes a
   keepalive well within it), and when the kernel exits, after reporting its status.
@@ -112,6 +115,16 @@ def main(boot: dict[str, Any]) -> None:
     for handled in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(handled, lambda *_: None)  # the byte on wake_w is the work; see the loop
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+    import socket
+
+    egress_port = int(cfg.get("egress_port") or 0)
+    listener = None
+    if egress_port:  # before the kernel exists: no code can hold the port first
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", egress_port))
+        listener.listen(64)
+        listener.setblocking(False)
 
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -260,6 +273,116 @@ def main(boot: dict[str, Any]) -> None:
             ino = -1
         return True
 
+    # -- egress connections on the net channel ---------------------------------------------
+    conns: dict[int, dict[str, Any]] = {}  # id -> sock, credit, pending (to the code), acked, reading, shut, flags
+    by_fd: dict[int, int] = {}
+    next_conn = [0]
+
+    def net(op: int, cid: int, data: bytes = b"") -> None:
+        emit(framing.encode_net(state["seq"], op, cid, limits, data))
+
+    def drop(cid: int, tell_host: bool) -> None:
+        c = conns.pop(cid, None)
+        if c is None:
+            return
+        fd = c["sock"].fileno()
+        by_fd.pop(fd, None)
+        if c["flags"]:
+            poller.unregister(fd)
+        c["sock"].close()
+        if tell_host:
+            net(framing.NET_CLOSE, cid)
+
+    def accept() -> None:
+        assert listener is not None
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of fds (the code holds them): this connection waits in the backlog
+                say(f"cannot accept an egress connection: {e}")
+                return
+            if len(conns) >= framing.NET_MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            cid = next_conn[0]
+            next_conn[0] = (cid + 1) & 0xFFFFFFFF
+            conns[cid] = {"sock": sock, "credit": framing.NET_WINDOW, "pending": bytearray(), "acked": 0,
+                          "reading": True, "shut": False, "flags": 0}
+            by_fd[sock.fileno()] = cid
+            net(framing.NET_OPEN, cid)
+
+    def conn_readable(cid: int) -> None:
+        c = conns[cid]
+        try:
+            data = c["sock"].recv(min(c["credit"], framing.NET_CHUNK))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            drop(cid, True)
+            return
+        if not data:
+            c["reading"] = False
+            net(framing.NET_EOF, cid)
+            return
+        c["credit"] -= len(data)
+        net(framing.NET_DATA, cid, data)
+
+    def conn_write(cid: int) -> None:
+        c = conns[cid]
+        pending = c["pending"]
+        try:
+            while pending:
+                n = c["sock"].send(pending)
+                del pending[:n]
+                c["acked"] += n
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            drop(cid, True)
+            return
+        if c["acked"] and (c["acked"] >= framing.NET_WINDOW // 4 or not pending):
+            net(framing.NET_CREDIT, cid, c["acked"].to_bytes(4, "big"))
+            c["acked"] = 0
+        if c["shut"] and not pending:
+            try:
+                c["sock"].shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the code closed it already; its reads say so
+            c["shut"] = None  # done
+
+    def from_host_net(parts: list[bytes]) -> None:
+        op, cid, data = framing.decode_net(parts)
+        c = conns.get(cid)
+        if c is None:
+            return  # closed here already; the host hears it from our close
+        if op == framing.NET_DATA:
+            if len(c["pending"]) + len(data) > framing.NET_WINDOW:
+                say(f"the host sent more than the window on egress connection {cid}; closing it")
+                drop(cid, True)
+                return
+            c["pending"] += data
+            conn_write(cid)
+        elif op == framing.NET_EOF:
+            if c["shut"] is False:
+                c["shut"] = True
+                conn_write(cid)
+        elif op == framing.NET_CLOSE:
+            drop(cid, False)
+        elif op == framing.NET_CREDIT:
+            c["credit"] = min(c["credit"] + int.from_bytes(data, "big"), framing.NET_WINDOW)
+
+    def net_interest() -> None:
+        reading = state["queued"] < OUT_HWM
+        for c in conns.values():
+            flags = (zmq.POLLIN if c["reading"] and c["credit"] > 0 and reading else 0) | (
+                zmq.POLLOUT if c["pending"] else 0)
+            if flags != c["flags"]:
+                poller.register(c["sock"].fileno(), flags)  # 0 unregisters
+                c["flags"] = flags
+
     # -- the loop ---------------------------------------------------------------------------
     poller = zmq.Poller()
     poller.register(0, zmq.POLLIN)
@@ -271,6 +394,9 @@ def main(boot: dict[str, Any]) -> None:
         poller.register(m, zmq.POLLIN)
     if ino >= 0:
         poller.register(ino, zmq.POLLIN)
+    if listener is not None:
+        poller.register(listener.fileno(), zmq.POLLIN)
+    listener_fd = listener.fileno() if listener is not None else -1
     decoder = framing.Decoder(limits, framing.TO_RELAY)
     reading_kernel = False
     writing = False
@@ -324,6 +450,9 @@ def main(boot: dict[str, Any]) -> None:
                 except ProcessLookupError:
                     pass  # exiting: its status follows
             return
+        if frame.channel == framing.NET:
+            from_host_net(frame.parts)
+            return
         if connected:
             sockets[frame.channel].send_multipart(frame.parts, copy=False)
         else:
@@ -360,9 +489,11 @@ def main(boot: dict[str, Any]) -> None:
         if bool(out) != writing:
             writing = bool(out)
             poller.register(1, zmq.POLLOUT if writing else 0)
+        if conns:
+            net_interest()
         events = poller.poll(max(int((deadline - now) * 1000) + 1, 0))
         now = time.monotonic()
-        for what, _ in events:
+        for what, mask in events:
             if what == 0:
                 try:
                     data = os.read(0, limits.read_chunk)
@@ -416,6 +547,13 @@ def main(boot: dict[str, Any]) -> None:
                 except BlockingIOError:
                     pass
                 try_connect()
+            elif what == listener_fd:
+                accept()
+            elif what in by_fd:
+                if mask & zmq.POLLOUT and by_fd[what] in conns:
+                    conn_write(by_fd[what])
+                if mask & (zmq.POLLIN | zmq.POLLERR) and what in by_fd:
+                    conn_readable(by_fd[what])
             elif what != 1:
                 channel = next(c for c, s in sockets.items() if s is what)
                 from_kernel(channel, what)
