@@ -38,6 +38,14 @@ __all__ = ["BOOTSTRAP", "OUT_HWM", "main"]
 
 #: Kernel output the relay holds before it stops reading the kernel.
 OUT_HWM = 1 << 20
+#: How long kernel output on IOPub may wait to leave with what follows it. Each write to the stream
+#: wakes the engine's copy chain (pipe, shim, engine, host): on a small host that costs more than the
+#: message. ``busy``, ``execute_input`` and a result wait for the reply and ``idle`` (which leave at
+#: once, as everything else does), so a short execution crosses in one or two writes, not five; a
+#: long one streams its output at most this late.
+IOPUB_HOLD = 0.002
+#: Held output past this many bytes leaves at once.
+HOLD_BYTES = 64 << 10
 #: The kernel's own stdout/stderr forwarded on the log channel: a burst, then a rate.
 LOG_BURST = 256 << 10
 LOG_RATE = 64 << 10
@@ -151,12 +159,15 @@ def main(boot: dict[str, Any]) -> None:
     except (OSError, ImportError):
         pass  # not a pipe, or the engine's limit: the default works, in more writes
     out: deque[Any] = deque()
-    state = {"seq": 0, "queued": 0}
+    # urgent: write at the next turn of the loop; else what is queued waits until `hold` (IOPUB_HOLD)
+    state: dict[str, Any] = {"seq": 0, "queued": 0, "urgent": False, "hold": 0.0}
 
-    def emit(chunks: list[bytes]) -> None:
+    def emit(chunks: list[bytes], urgent: bool = True) -> None:
         out.extend(chunks)
         state["queued"] += sum(len(c) for c in chunks)
         state["seq"] = (state["seq"] + 1) & 0xFFFFFFFF
+        if urgent:
+            state["urgent"] = True
 
     def link(message: dict[str, Any]) -> None:
         emit(framing.encode_link(state["seq"], message, limits))
@@ -470,8 +481,11 @@ def main(boot: dict[str, Any]) -> None:
                 link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message without "
                                                      "the <IDS|MSG> delimiter"})
                 continue
+            # an idle status ends an execution (the client waits for it): it leaves at once, with what was held
+            urgent = channel != framing.IOPUB or (
+                len(parts) > i + 5 and b'"status"' in parts[i + 2] and b'"idle"' in parts[i + 5])
             try:
-                emit(framing.encode(channel, state["seq"], parts[i:] if i else parts, limits))
+                emit(framing.encode(channel, state["seq"], parts[i:] if i else parts, limits), urgent)
             except framing.FramingError as e:
                 link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message that breaks "
                                                      f"the bounds: {e}"})
@@ -486,11 +500,14 @@ def main(boot: dict[str, Any]) -> None:
             for s in sockets.values():
                 poller.register(s, zmq.POLLIN if want_kernel else 0)
             reading_kernel = want_kernel
-        if bool(out) != writing:
-            writing = bool(out)
+        want_write = bool(out) and state["urgent"]
+        if want_write != writing:
+            writing = want_write
             poller.register(1, zmq.POLLOUT if writing else 0)
         if conns:
             net_interest()
+        if out and not state["urgent"]:
+            deadline = min(deadline, state["hold"])
         events = poller.poll(max(int((deadline - now) * 1000) + 1, 0))
         now = time.monotonic()
         for what, mask in events:
@@ -565,7 +582,11 @@ def main(boot: dict[str, Any]) -> None:
                                                      f"max_message_bytes ({limits.max_frame_bytes} bytes)"})
                 del suspect[name]
         if out:
-            flush()
+            if state["urgent"] or state["queued"] >= HOLD_BYTES or (state["hold"] and now >= state["hold"]):
+                state["urgent"] = not flush()  # what the pipe did not take leaves as soon as it can
+                state["hold"] = 0.0
+            elif not state["hold"]:
+                state["hold"] = now + IOPUB_HOLD
         if now >= last_rx + orphan_timeout:
             end(0, f"no keepalive from the host for {orphan_timeout:g} s: the host is gone, ending the sandbox")
 
