@@ -78,6 +78,7 @@ exec(compile(m['relay'],'<kernelexec relay>','exec'),{{'__name__':'kernelexec_re
 
 def main(boot: dict[str, Any]) -> None:
     import ctypes
+    import itertools
     import os
     import signal
     import sys
@@ -164,7 +165,7 @@ def main(boot: dict[str, Any]) -> None:
 
     def emit(chunks: list[bytes], urgent: bool = True) -> None:
         out.extend(chunks)
-        state["queued"] += sum(len(c) for c in chunks)
+        state["queued"] += sum(map(len, chunks))
         state["seq"] = (state["seq"] + 1) & 0xFFFFFFFF
         if urgent:
             state["urgent"] = True
@@ -175,7 +176,7 @@ def main(boot: dict[str, Any]) -> None:
     def flush() -> bool:
         """Write what fits now; True when nothing is left."""
         while out:
-            batch = [out[i] for i in range(min(len(out), 64))]
+            batch = list(itertools.islice(out, 64))
             try:
                 n = os.writev(1, batch)
             except BlockingIOError:
@@ -470,11 +471,9 @@ def main(boot: dict[str, Any]) -> None:
             held.append((frame.channel, frame.parts))
 
     def from_kernel(channel: int, s: Any) -> None:
-        while state["queued"] < OUT_HWM:
-            try:
-                parts = s.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        # the poller said readable; EVENTS says whether more is waiting (cheaper than an Again per call)
+        while state["queued"] < OUT_HWM and s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            parts = s.recv_multipart(zmq.NOBLOCK)
             try:
                 i = parts.index(framing.DELIM, 0, 9)
             except ValueError:
