@@ -34,6 +34,9 @@ class Authority:
         server = bool(server_ips or server_names)
         builder = _base(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key, self.cert.subject)
         builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        # key identifiers: what a verifier in strict mode requires (Python 3.13's default context)
+        builder = builder.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                                        critical=False)
         builder = builder.add_extension(x509.ExtendedKeyUsage(
             [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         if server:
@@ -50,6 +53,7 @@ def make_authority(directory: Path, name: str = "kernelexec-test-ca") -> Authori
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (_base(subject, key, subject)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, encipher_only=False,
