@@ -10,13 +10,16 @@ the peer broke the framing).
 from __future__ import annotations
 
 import abc
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..errors import KernelDied
     from ..policy import Policy
 
-__all__ = ["CHANNELS", "Backend", "Channels", "ChannelsClosed", "Sandbox"]
+__all__ = ["CHANNELS", "Backend", "ByteStream", "Channels", "ChannelsClosed", "EgressHandler", "Sandbox",
+           "StreamPair"]
 
 #: The channels a client may receive on; it sends on all of them but ``iopub``.
 CHANNELS = ("shell", "control", "stdin", "iopub")
@@ -74,6 +77,60 @@ class Channels(abc.ABC):
         """Release the transport (its tasks, connections and fds). Idempotent.
 
         Closing the channels does not end the kernel; the sandbox's lifecycle does."""
+
+
+class ByteStream(abc.ABC):
+    """One TCP connection the sandbox's code opened to its egress port, carried to the host.
+
+    The egress proxy is written against this alone, so it works the same whatever carries the bytes
+    (a unix socket on ipc, a multiplexed stream on attach, a loopback socket in tests)."""
+
+    @abc.abstractmethod
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes``; ``b""`` at EOF (the code closed its side)."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Returns once the transport accepted ``data`` (backpressure)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close both directions; idempotent."""
+
+    async def write_eof(self) -> None:  # noqa: B027 (optional: a transport without half-close has nothing to do)
+        """Half-close: no more writes, reads go on. Default: nothing."""
+
+
+#: What a sandbox calls for each connection its code opens to the egress port.
+EgressHandler = Callable[[ByteStream], Awaitable[None]]
+
+
+class StreamPair(ByteStream):
+    """A :class:`ByteStream` over asyncio's (StreamReader, StreamWriter), e.g. one accepted connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def read(self, max_bytes: int) -> bytes:
+        return await self.reader.read(max_bytes)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def write_eof(self) -> None:
+        if self.writer.can_write_eof() and not self.writer.is_closing():
+            self.writer.write_eof()
+
+    async def close(self) -> None:
+        if self.writer.is_closing():
+            return
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:  # the peer reset the connection: it is closed either way
+            pass
 
 
 class Sandbox(abc.ABC):
