@@ -286,6 +286,34 @@ def test_plain_http_is_forwarded_in_origin_form_without_proxy_headers():
     asyncio.run(main())
 
 
+def test_half_closes_go_through_and_the_servers_end_ends_the_tunnel():
+    """The code's end of input reaches the server as a half-close (a request sent, the answer awaited);
+    the server's end ends the connection even when the code keeps its side open."""
+    async def goodbye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Target) -> None:
+        writer.write(b"bye")
+        await writer.drain()
+
+    async def main() -> None:
+        async with serve(echo) as target, serve(goodbye) as closer, \
+                running([f"127.0.0.1:{target.port}", f"127.0.0.1:{closer.port}"]) as h:
+            reader, writer, _ = await ask(h.port, connect("127.0.0.1", target.port))
+            writer.write(b"ping")
+            writer.write_eof()
+            assert await reader.read() == b"ping"  # the echo server saw the end of input, answered, closed
+            (first,) = await h.wait_events(1)
+            writer.close()
+            await writer.wait_closed()
+            reader, writer, _ = await ask(h.port, connect("127.0.0.1", closer.port))
+            assert await reader.read() == b"bye"
+            events = await h.wait_events(2)  # the code's side is still open: the proxy ended it
+            writer.close()
+            await writer.wait_closed()
+        assert (first.bytes_up, first.bytes_down, first.reason) == (4, 4, "closed by the server")
+        assert (events[1].bytes_up, events[1].bytes_down, events[1].reason) == (0, 3, "closed by the server")
+
+    asyncio.run(main())
+
+
 # --- what is refused --------------------------------------------------------------------------------
 
 

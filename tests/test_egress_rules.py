@@ -171,7 +171,8 @@ def test_profiles_set_egress_and_a_policy_may_only_narrow_it(tmp_path):
     assert narrowed.egress_max_connections == 4  # from the profile
     assert within(Policy(egress=()), installer, role="installer").egress == ()
     for wider, says in [(("pypi.org:80",), "pypi.org:80"), (("github",), "github.com:443"),
-                        (("example.org:443",), "example.org:443"), (("*.org.example.org:8443",), "8443")]:
+                        (("example.org:443",), "example.org:443"), (("*.org.example.org:8443",), "8443"),
+                        (("evilpypi.org:443",), "evilpypi.org"), (("sub.pypi.org:443",), "sub.pypi.org")]:
         with pytest.raises(PolicyViolation, match="egress") as e:
             within(Policy(egress=wider), installer, role="installer")
         assert says in str(e.value)
