@@ -664,3 +664,13 @@ def _no_host_resolver(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr("kernelexec.egress.proxy.system_resolver", refuse)
 
+
+
+def test_a_proxy_for_a_policy_takes_its_entries_and_bounds():
+    from kernelexec import Policy
+
+    proxy = EgressProxy.for_policy(Policy(egress=("pypi",), egress_max_bytes="64m", egress_max_connections=3,
+                                          egress_rate=5), lambda e: None, upstream=NO_UPSTREAM)
+    assert proxy.limits == EgressLimits(max_bytes=64 << 20, max_connections=3, rate_per_minute=5)
+    assert proxy.allowlist.allows("files.pythonhosted.org", 443) and not proxy.allowlist.allows("pypi.org", 80)
+    assert EgressLimits.from_policy(Policy()) == EgressLimits()  # the Policy defaults are the proxy's
