@@ -338,9 +338,10 @@ def test_an_allowed_name_resolving_to_an_internal_address_is_refused(address, wh
     asyncio.run(main())
 
 
-def test_a_name_with_one_public_and_one_internal_address_uses_only_the_public_one():
-    """Each resolved address is checked; the connection goes to the checked address, not the name again.
-    (The public one is unreachable here, so the answer is 502 after trying it; loopback was never tried.)"""
+def test_every_resolved_address_is_checked_and_the_next_is_tried_on_failure(monkeypatch):
+    """All of a name's addresses are refused: 403 naming each. Then, with loopback counted as public for
+    this test only (the servers here can only be on loopback), an address that does not answer is
+    followed by the next one, and the connection goes to that checked address."""
     async def main() -> None:
         async with serve(echo) as target:
             resolver = FakeResolver({NAME: ["127.0.0.1", "192.0.2.1"]})  # 192.0.2.1 is documentation: refused
@@ -348,6 +349,20 @@ def test_a_name_with_one_public_and_one_internal_address_uses_only_the_public_on
                 status, body = await refused(h.port, connect(NAME, target.port))
             assert status == 403 and "127.0.0.1 (loopback)" in body and "192.0.2.1" in body
             assert target.connections == 0
+            monkeypatch.setattr("kernelexec.egress.proxy.address_problem",
+                                lambda a: None if str(a).startswith("127.") else "not loopback")
+            resolver = FakeResolver({NAME: ["127.0.0.2", "192.0.2.1", "127.0.0.1"]})
+            with socket.socket() as silent:  # bound, not listening: a refused connection
+                silent.bind(("127.0.0.2", target.port))
+                async with running([f"{NAME}:{target.port}"], resolver=resolver) as h:
+                    reader, writer, answer = await ask(h.port, connect(NAME, target.port))
+                    writer.write(b"ping")
+                    assert answer.startswith(b"HTTP/1.1 200") and await reader.readexactly(4) == b"ping"
+                    writer.close()
+                    await writer.wait_closed()
+                    (event,) = await h.wait_events(1)
+            assert (event.verdict, event.host, event.address) == ("allowed", NAME, "127.0.0.1")
+            assert target.connections == 1
 
     asyncio.run(main())
 
