@@ -23,13 +23,13 @@ from typing import Any
 from kernelexec import __version__
 from kernelexec.dockerapi import api
 
-from . import concurrency, density, report, roundtrip, startup, transports
+from . import concurrency, density, egress, report, roundtrip, startup, transports
 from .local_kernel import ipykernel_version
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
-SECTIONS = ["roundtrip", "startup", "warm", "transports", "audit", "density", "concurrency", "peers"]
+SECTIONS = ["roundtrip", "startup", "warm", "transports", "audit", "density", "concurrency", "egress", "peers"]
 
 
 def log(line: str) -> None:
@@ -79,6 +79,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         r["density"] = await density.run([5, 10] if quick else [10, 25, 50, 100], r["idle_window_s"], log)
     if "concurrency" in wanted:
         r["concurrency"] = await concurrency.run(8, 5.0 if quick else 20.0, log)
+    if "egress" in wanted:
+        r["egress"] = await egress.run(50, 3 if quick else 10, log)
     if "peers" in wanted:
         from . import peers
 

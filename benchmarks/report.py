@@ -175,6 +175,10 @@ def markdown(r: dict[str, Any]) -> str:
                       f"{a['with_ms']['p50']:.3f} ms with `Session(audit_log=...)`: {cost['p50']:+.1f} us per execute "
                       f"at p50, {cost['mean']:+.1f} us in the mean ({a['with_ms']['n']} runs each, interleaved in "
                       f"{a.get('rounds')} rounds; {a.get('records')} records written)."]
+    if r.get("egress"):
+        from .egress import markdown as egress_md
+
+        lines += egress_md(r["egress"])
     lines += ["", "Targets:", "", "| target | measured | goal | |", "|---|---|---|---|"]
     for t in r.get("targets") or []:
         mark = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from .container import LABEL, LABEL_POLICY, run_blocking
 from .dockerapi import api, socket_path
+from .egress.rules import parse_egress, review
 from .policy import SOCKET_MOUNT, WORKDIR, Policy, apparmor_enabled, parse_size
 from .profiles import profiles_path
 
@@ -42,7 +43,7 @@ class Finding:
 _POLICY_SEVERITY: dict[str, Severity] = {
     "network": "high", "read_only": "high", "cap_add": "high", "no_new_privileges": "high",
     "seccomp": "high", "apparmor": "high", "workspace": "medium", "timeout": "medium",
-    "log_driver": "low",
+    "log_driver": "low", "egress": "medium",
 }
 
 
@@ -56,7 +57,12 @@ def audit_policy(policy: Policy, *, name: str = "effective policy") -> list[Find
         if field == "workspace" and "read-write" in r:
             sev = "high"
         out.append(Finding(sev, "policy", f"{name}: {field}", r,
+                           "egress lets the code send what it reads to the hosts named: list only hosts you "
+                           "trust with the session's data" if field == "egress" else
                            f"keep the default for {field}, or confine this role with a stricter profile"))
+    for sev, why in review(parse_egress(policy.egress)):
+        out.append(Finding(sev, "policy", f"{name}: egress entry", why,
+                           "name the exact hosts (and ports) the code needs instead"))
     return out
 
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .egress.rules import EgressRuleError, parse_egress
+
 log = logging.getLogger("kernelexec")
 
 #: uid:gid the kernel runs as when the host process is root. Never 0.
@@ -163,10 +165,26 @@ class Policy:
     #: engine's attach stream otherwise: remote engines, gVisor), ``"ipc"`` or ``"attach"``. Both
     #: keep every other setting: no network, nothing of the host mounted but (ipc) the socket directory.
     transport: Literal["auto", "ipc", "attach"] = "auto"
-    #: What the code may reach over HTTP(S), through the session's egress proxy (see kernelexec.egress).
-    #: Empty: no egress at all, no proxy port in the container.
+
+    # --- egress (see kernelexec.egress) ------------------------------------------
+    #: What the code may reach through the host-side HTTP(S) proxy; the container still has no network
+    #: interface. Empty (the default): nothing, as without egress. Entries: ``"pypi.org"`` (ports 443
+    #: and 80), ``"host:port"``, ``"*.example.org"``, an address (``"203.0.113.7:443"``,
+    #: ``"[2001:db8::7]:443"``; the only way to reach a loopback, private or metadata address), or a
+    #: named set: ``"pypi"``, ``"github"``, ``"huggingface"``. Even an allowlist lets the code send what
+    #: it reads to the hosts it names: allow only hosts you trust with the session's data.
     egress: tuple[str, ...] = ()
-    #: The tmpfs ``%pip install`` writes to, only mounted with egress; counted in the memory limit.
+    #: Bytes through the proxy per session, both directions together: a download (or an upload of
+    #: the session's data) past it is cut. A package install is tens of MiB; this bounds the rest.
+    egress_max_bytes: int | str = "256m"
+    #: Connections open at once through the proxy; more are refused (503) at once rather than queued,
+    #: so code that opens hundreds learns it from the first refusal. pip uses a few.
+    egress_max_connections: int = 8
+    #: New connections per minute (a bucket of this many, refilled at this rate): bounds how fast the
+    #: code can probe hosts and how many lines it writes to the audit log.
+    egress_rate: int = 60
+    #: The tmpfs ``%pip install`` writes to (the one place the code may write and execute), only
+    #: mounted with egress; its pages count against the memory limit.
     site_size: int | str = "512m"
 
     def __post_init__(self) -> None:
@@ -208,6 +226,16 @@ class Policy:
             raise ValueError(f"transport must be 'auto', 'ipc' or 'attach', got {self.transport!r}")
         if any(c.upper() == "ALL" for c in self.cap_add):
             raise ValueError("cap_add=ALL would undo the sandbox; name the capabilities you need")
+        if not isinstance(self.egress, tuple) and not isinstance(self.egress, str):
+            object.__setattr__(self, "egress", tuple(self.egress))  # a list from TOML or JSON
+        try:
+            parse_egress(self.egress)
+        except EgressRuleError as e:
+            raise ValueError(f"Policy.egress: {e}") from None
+        for name in ("egress_max_connections", "egress_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Policy.{name} must be a positive whole number, got {value!r}")
 
     def replace(self, **changes: Any) -> Policy:
         new = dataclasses.replace(self, **changes)
@@ -259,7 +287,11 @@ class Policy:
         for name in _SIZE_FIELDS:
             if parse_size(getattr(self, name)) > parse_size(getattr(d, name)):
                 out.append(f"{name}={getattr(self, name)!r} is above {getattr(d, name)!r}")
-        for name in ("cpus", "pids", "nofile", "nproc"):
+        wider = parse_egress(self.egress).not_covered_by(parse_egress(d.egress))
+        if wider:
+            out.append(f"egress={list(self.egress)!r}: the code can reach "
+                       f"{', '.join(r.describe() for r in wider)} through the egress proxy")
+        for name in ("cpus", "pids", "nofile", "nproc", "egress_max_connections", "egress_rate"):
             if getattr(self, name) > getattr(d, name):
                 out.append(f"{name}={getattr(self, name)!r} is above {getattr(d, name)!r}")
         return out
@@ -277,7 +309,8 @@ class Policy:
 
 
 _SIZE_FIELDS = ("memory", "tmp_size", "home_size", "shm_size", "workdir_size", "max_file_size",
-                "max_output_bytes", "max_message_bytes", "max_history_bytes")
+                "max_output_bytes", "max_message_bytes", "max_history_bytes", "egress_max_bytes",
+                "site_size")
 #: Docker refuses less than 6 MiB; a Python kernel needs several times that.
 MIN_MEMORY = 6 << 20
 MIN_MESSAGE = 64 << 10
