@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
-from .backend import Backend, ChannelsClosed, Sandbox, default_backend
+from .backend import Backend, ChannelsClosed, EgressHandler, Sandbox, default_backend
 from .client import Callbacks, KernelClient, KernelGone
 from .errors import (
     CodeTooLarge,
@@ -44,6 +44,7 @@ from .results import ErrorInfo, Execution, MimeBundle, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backend.fanout import ChannelHub, SharedChannels
+    from .egress.proxy import EgressEvent, EgressProxy
 
 log = logging.getLogger("kernelexec")
 T = TypeVar("T")
@@ -98,6 +99,7 @@ class AsyncSession:
         self._history_kept = 0  # history[:_history_kept] may still hold outputs
         self.id = secrets.token_hex(6)
         self._sandbox: Sandbox | None = None
+        self._egress: EgressProxy | None = None
         self._key: bytes | None = None
         self._client: KernelClient | None = None
         self._dead: KernelDied | None = None
@@ -167,7 +169,7 @@ class AsyncSession:
         await self.backend.prepare()
         image = self._image or _default_image()
         self._key = key = new_key()
-        sandbox = self.backend.new_sandbox(self.policy, image, key, self.id)
+        sandbox = self.backend.new_sandbox(self.policy, image, key, self.id, egress=self._egress_handler())
         self._sandbox = sandbox
         try:
             await sandbox.create()
@@ -192,6 +194,26 @@ class AsyncSession:
             died = await sandbox.death(2.0, cause=str(e))
             raise SandboxStartError(f"the kernel ended while starting ({died.reason})") from e
 
+    def _egress_handler(self) -> EgressHandler | None:
+        """The session's egress proxy (one for the session's life: its byte budget spans restarts)."""
+        if not self.policy.egress:
+            return None
+        if self._egress is None:
+            from .egress.proxy import EgressProxy
+
+            self._egress = EgressProxy.for_policy(self.policy, self._on_egress)
+        return self._egress.handle
+
+    def _on_egress(self, event: EgressEvent) -> None:
+        log.debug("session %s: egress %s %s:%d %s (%s)", self.id, event.verdict, event.host, event.port,
+                  event.address, event.reason)
+        self._log("egress", **dataclasses.asdict(event))
+
+    @property
+    def egress_bytes(self) -> int:
+        """Bytes through this session's egress proxy so far, both ways (what ``egress_max_bytes`` bounds)."""
+        return self._egress.bytes_used if self._egress is not None else 0
+
     def __repr__(self) -> str:
         return _describe(self, "AsyncSession")
 
@@ -201,7 +223,12 @@ class AsyncSession:
             return
         self._closed = True
         had = self._sandbox is not None
-        await self._teardown()
+        try:
+            await self._teardown()
+        finally:
+            egress, self._egress = self._egress, None
+            if egress is not None:
+                await egress.aclose()
         if had:
             self._log("closed")
 
@@ -693,6 +720,11 @@ class Session:
     def transport(self) -> str | None:
         """How the host reaches the kernel: ``"ipc"`` or ``"attach"``."""
         return self._async.transport
+
+    @property
+    def egress_bytes(self) -> int:
+        """Bytes through this session's egress proxy so far, both ways (what ``egress_max_bytes`` bounds)."""
+        return self._async.egress_bytes
 
     @property
     def kernel_info(self) -> dict[str, Any]:

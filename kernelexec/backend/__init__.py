@@ -23,8 +23,8 @@ from __future__ import annotations
 from ..policy import Policy
 from .base import Backend, ByteStream, Channels, ChannelsClosed, EgressHandler, Sandbox
 
-__all__ = ["Backend", "ByteStream", "Channels", "ChannelsClosed", "DockerBackend", "Sandbox", "choose_transport",
-           "default_backend"]
+__all__ = ["Backend", "ByteStream", "Channels", "ChannelsClosed", "DockerBackend", "EgressHandler", "Sandbox",
+           "choose_transport", "default_backend"]
 
 #: Runtimes that cannot use a unix socket bind-mounted from the host (Debian's runsc has no
 #: --host-uds): their sessions go over attach.

@@ -261,6 +261,7 @@ def main(boot: dict[str, Any]) -> None:
         sockets[channel] = s
         monitors[s.get_monitor_socket(zmq.EVENT_DISCONNECTED)] = name
     endpoints = {channel: f"{cfg['ip']}-{cfg['ports'][names[channel]]}" for channel in sockets}
+    channel_of = {s: channel for channel, s in sockets.items()}
     held: list[tuple[int, list[bytes]]] = []  # host messages before the kernel's sockets exist
     connected = False
 
@@ -570,9 +571,9 @@ def main(boot: dict[str, Any]) -> None:
                     conn_write(by_fd[what])
                 if mask & (zmq.POLLIN | zmq.POLLERR) and what in by_fd:
                     conn_readable(by_fd[what])
-            elif what != 1:
-                channel = next(c for c, s in sockets.items() if s is what)
-                from_kernel(channel, what)
+            elif not isinstance(what, int):
+                from_kernel(channel_of[what], what)
+            # else: stdout's POLLOUT (the flush below), or a connection dropped earlier in this round
         for name, at in list(suspect.items()):
             if now >= at:
                 reap()  # an exit explains it (and does not return)
