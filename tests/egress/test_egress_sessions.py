@@ -116,9 +116,9 @@ def resolving(egress_index: EgressIndex) -> Iterator[ResolvingBackend]:
         asyncio.run(proxy.aclose())  # idle by now: each session's close ended its connections
 
 
-FETCH = r'''
+FETCH = rf'''
 import urllib.request, urllib.error, ssl, http.client
-ctx = ssl.create_default_context(cafile={ca!r})
+ctx = ssl.create_default_context(cafile={CA!r})
 def fetch(url, timeout=20):
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=ctx) as r:
@@ -129,7 +129,7 @@ def fetch(url, timeout=20):
         return ("cut", len(e.partial))
     except (urllib.error.URLError, OSError) as e:
         return ("failed", str(getattr(e, "reason", e)))
-'''.format(ca=CA)
+'''
 
 
 def test_names_resolving_inside_and_names_not_listed_are_refused_and_logged(
