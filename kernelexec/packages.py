@@ -569,7 +569,13 @@ def build_packages(requirements: Sequence[str] = (), *, base: str | None = None,
                       + ", ".join(f"{n}=={v}" for n, (v, _) in sorted(_lock_pins(lock).items()))}
             if flavour:
                 labels[LABEL_FLAVOUR] = flavour
+            old_id = None
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                old_id = client.images.get(tag).id
             _build(client, base, lock, tag, labels, mode, source, wheels, index_url, extra_ca, progress)
+            if old_id and old_id != client.images.get(tag).id:  # a forced rebuild: the image it replaced
+                with contextlib.suppress(docker.errors.APIError):
+                    client.images.remove(old_id, noprune=False)
         finally:
             if tmp is not None:
                 tmp.cleanup()
