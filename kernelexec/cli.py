@@ -545,11 +545,15 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
         print(json.dumps([asdict(i) for i in images], indent=2))
         return EXIT_OK
     rows = [["TAG", "SIZE", "CREATED", "BASE", "ADDS"]]
+    sizes = {i.tag: i.size for i in images}
     for i in images:
         adds = ", ".join(i.packages) if i.packages else "(the kernel image recipe)"
         if i.flavour:
             adds = f"[{i.flavour}] {adds}"
-        rows.append([i.tag, f"{i.size / 1e6:.0f} MB", i.created, i.base or "-", adds])
+        size = f"{i.size / 1e6:.0f} MB"
+        if i.base in sizes:  # the layers it adds; the base's are shared
+            size += f" (+{(i.size - sizes[i.base]) / 1e6:.0f})"
+        rows.append([i.tag, size, i.created, i.base or "-", adds])
     print(_table(rows))
     return EXIT_OK
 

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import zipfile
@@ -266,6 +267,10 @@ def test_a_conflict_with_the_base_packages_is_refused_not_installed(docker, kern
 def test_a_hash_mismatch_or_a_missing_wheel_names_the_package(docker, kernel_image, index, built):
     good = index / "kx_tiny_c-3.0-py3-none-any.whl"
     before_images, before_tmp = images_on(docker, kernel_image), our_tmp_dirs()
+    # the wheelhouse has a file of that name and version, but not the locked bytes: it must not be used
+    wheelhouse = Path(os.environ["KERNELEXEC_WHEELHOUSE"])
+    wheelhouse.mkdir()
+    shutil.copy(good, wheelhouse)
     wrong = f"kx-tiny-c==3.0 --hash=sha256:{'0' * 64}\n"
     with pytest.raises(ImageBuildError) as failure:
         build_packages(lock=wrong, base=kernel_image, find_links=[index], no_index=True)
