@@ -501,8 +501,76 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(f"[{time.monotonic() - start:6.1f}s] {line}", flush=True)
 
-    tag = build_image(mode=mode, force=args.force, progress=progress)
+    if args.with_ or args.requirements or args.flavour:
+        tag = _build_derived(args, progress)
+    else:
+        if args.find_links or args.no_index or args.index_url or args.base:
+            raise CliError("--find-links, --no-index, --index-url and --base are for derived images: add "
+                           "--with PKG, --requirements FILE or --flavour NAME")
+        tag = build_image(mode=mode, force=args.force, progress=progress)
     print(tag)
+    return EXIT_OK
+
+
+def _build_derived(args: argparse.Namespace, progress: Callable[[str], None]) -> str:
+    """``image build --with/--requirements/--flavour``: a derived image (see :mod:`kernelexec.packages`)."""
+    from .packages import build_packages, read_requirements
+
+    specs = list(args.with_ or [])
+    lock = None
+    for file in args.requirements or []:
+        more, given_lock = read_requirements(file)
+        if given_lock is not None:
+            if lock is not None or len(args.requirements) > 1:
+                raise CliError("give one lock file (a requirements file pinned by hash), alone")
+            lock = given_lock
+        specs += more
+    if lock is not None and (specs or args.flavour):
+        raise CliError(f"{args.requirements[0]} is a lock (every line pinned by hash): it is installed as is, "
+                       "so it cannot be combined with --with or --flavour")
+    try:
+        return build_packages(specs, base=args.base, flavour=args.flavour, lock=lock,
+                              mode="online" if args.online else "offline", force=args.force,
+                              find_links=args.find_links or [], index_url=args.index_url, no_index=args.no_index,
+                              progress=progress)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_image_ls(args: argparse.Namespace) -> int:
+    from .packages import list_images
+
+    images = list_images()
+    if args.json:
+        print(json.dumps([asdict(i) for i in images], indent=2))
+        return EXIT_OK
+    rows = [["TAG", "SIZE", "CREATED", "BASE", "ADDS"]]
+    sizes = {i.tag: i.size for i in images}
+    for i in images:
+        adds = ", ".join(i.packages) if i.packages else "(the kernel image recipe)"
+        if i.flavour:
+            adds = f"[{i.flavour}] {adds}"
+        size = f"{i.size / 1e6:.0f} MB"
+        if i.base in sizes:  # the layers it adds; the base's are shared
+            size += f" (+{(i.size - sizes[i.base]) / 1e6:.0f})"
+        rows.append([i.tag, size, i.created, i.base or "-", adds])
+    print(_table(rows))
+    return EXIT_OK
+
+
+def cmd_image_rm(args: argparse.Namespace) -> int:
+    from .packages import remove_image
+
+    for tag in args.tags:
+        remove_image(tag)
+        print(f"removed {tag}")
+    return EXIT_OK
+
+
+def cmd_image_lock(args: argparse.Namespace) -> int:
+    from .packages import image_lock
+
+    print(image_lock(args.tag), end="")
     return EXIT_OK
 
 
@@ -830,7 +898,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offline", action="store_true", help="debootstrap base and a host-downloaded wheelhouse")
     g.add_argument("--online", action="store_true", help="public Python base image, packages from the index")
     b.add_argument("--force", action="store_true", help="rebuild even if the image exists")
+    b.add_argument("--with", dest="with_", action="append", metavar="PKG",
+                   help="a derived image with this package (a requirement, e.g. 'seaborn>=0.13'); repeatable")
+    b.add_argument("--requirements", action="append", metavar="FILE",
+                   help="a derived image with a requirements file's packages; a lock (every line pinned by "
+                        "hash, see `image lock`) is installed as is")
+    b.add_argument("--flavour", metavar="NAME", help="a derived image with a named package set: analysis")
+    b.add_argument("--base", metavar="TAG", help="derive from this image (default: the kernel image)")
+    b.add_argument("--find-links", action="append", metavar="DIR|URL", help="where the host's pip also looks")
+    b.add_argument("--no-index", action="store_true", help="the host's pip uses --find-links only")
+    b.add_argument("--index-url", metavar="URL", help="the index of the host's pip (and of pip in an --online build)")
     b.set_defaults(fn=cmd_image_build)
+    ls = command(img, "ls", help="list kernelexec images: base and derived, with what each adds")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_image_ls)
+    rm = command(img, "rm", help="remove kernelexec images (refused while a session uses one)")
+    rm.add_argument("tags", nargs="+", metavar="TAG")
+    rm.set_defaults(fn=cmd_image_rm)
+    lk = command(img, "lock", help="print the lock a derived image was built from (reuse: --requirements)")
+    lk.add_argument("tag", metavar="TAG")
+    lk.set_defaults(fn=cmd_image_lock)
 
     ps = command(sub, "ps", help="list sessions")
     ps.add_argument("--all-hosts", action="store_true", help="include sessions of other hosts sharing the engine")

@@ -59,6 +59,7 @@ __all__ = [
     "kernel_image_dir",
     "lock_requirements",
     "parse_lock",
+    "parse_lock_text",
     "recipe_files",
     "registry_reachable",
     "wheelhouse_dir",
@@ -506,7 +507,12 @@ def _normalize(name: str) -> str:
 
 def parse_lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
     """``requirements.lock`` as {normalized name: (version, sha256 hashes)}; refuses anything unpinned."""
-    text = re.sub(r"\\\s*\n", " ", path.read_text())
+    return parse_lock_text(path.read_text(), str(path))
+
+
+def parse_lock_text(text: str, source: str = "the lock") -> dict[str, tuple[str, frozenset[str]]]:
+    """A lock's text as {normalized name: (version, sha256 hashes)}; ``source`` names it in errors."""
+    text = re.sub(r"\\\s*\n", " ", text)
     pins: dict[str, tuple[str, frozenset[str]]] = {}
     for line in text.splitlines():
         line = re.sub(r"(^|\s)#.*$", "", line).strip()
@@ -515,11 +521,11 @@ def parse_lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
         m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)\s+(.*)$", line)
         hashes = frozenset(re.findall(r"--hash=sha256:([0-9a-f]{64})", line))
         if not m or not hashes:
-            raise ImageBuildError(f"{path}: every line must be `name==version --hash=sha256:...`, not {line!r}; "
+            raise ImageBuildError(f"{source}: every line must be `name==version --hash=sha256:...`, not {line!r}; "
                                   "regenerate it with kernelexec.image.lock_requirements()")
         pins[_normalize(m.group(1))] = (m.group(2), hashes)
     if not pins:
-        raise ImageBuildError(f"{path} pins nothing")
+        raise ImageBuildError(f"{source} pins nothing")
     return pins
 
 
@@ -662,7 +668,12 @@ def lock_requirements(progress: Progress | None = None, recipe: Path | None = No
 
 
 def _context(recipe: Path, wheels: list[Path], ca_files: list[Path], out: IO[bytes]) -> None:
-    """Write the build context tar: the recipe, ``wheelhouse/`` and ``ca/`` (both possibly empty).
+    """Write the build context tar: the recipe, ``wheelhouse/`` and ``ca/`` (both possibly empty)."""
+    _write_context(recipe_files(recipe), wheels, ca_files, out)
+
+
+def _write_context(files: list[tuple[str, Path]], wheels: list[Path], ca_files: list[Path], out: IO[bytes]) -> None:
+    """Write a build context tar: ``files`` (relative name, path), ``wheelhouse/`` and ``ca/``.
 
     Owners and modes are normalized so that nothing about the host's users
     reaches the build.
@@ -676,7 +687,7 @@ def _context(recipe: Path, wheels: list[Path], ca_files: list[Path], out: IO[byt
             tar.addfile(info, f)
 
     with tarfile.open(fileobj=out, mode="w") as tar:
-        for rel, path in recipe_files(recipe):
+        for rel, path in files:
             add(tar, path, rel)
         for d in ("wheelhouse", "ca"):
             info = tarfile.TarInfo(d)

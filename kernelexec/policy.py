@@ -73,6 +73,13 @@ class Policy:
     #: Kernel image. ``None`` means the image built from this version's
     #: ``kernel-image/`` recipe (tagged by content, see ``kernelexec image build``).
     image: str | None = None
+    #: Python packages the kernel needs beyond the image's (requirements such as ``"scikit-learn>=1.4"``):
+    #: the session runs a derived image of ``image`` with them, built on first use and then reused
+    #: (see :mod:`kernelexec.packages`). Empty: the image as it is.
+    packages: tuple[str, ...] = ()
+    #: A named package set added the same way: ``"analysis"`` (scipy, scikit-learn, seaborn,
+    #: statsmodels, openpyxl, pyarrow). ``None``: none.
+    image_flavour: str | None = None
 
     # --- resources -------------------------------------------------------
     #: Memory limit of the whole container (kernel, children and tmpfs
@@ -188,6 +195,20 @@ class Policy:
     site_size: int | str = "512m"
 
     def __post_init__(self) -> None:
+        from .packages import check_requirement, flavour_requirements
+
+        if isinstance(self.packages, str):
+            raise ValueError(f"Policy.packages is a list of requirements, e.g. ({self.packages!r},), not a string")
+        object.__setattr__(self, "packages", tuple(self.packages))  # a list (TOML, JSON) is fine too
+        for spec in self.packages:
+            try:
+                check_requirement(spec)
+            except ValueError as e:
+                raise ValueError(f"Policy.packages: {e}") from None
+        try:
+            flavour_requirements(self.image_flavour)
+        except ValueError as e:
+            raise ValueError(f"Policy.image_flavour: {e}") from None
         for name in _SIZE_FIELDS:
             try:
                 parse_size(getattr(self, name))

@@ -181,6 +181,11 @@ def within(requested: Policy, ceiling: Policy, *, role: str) -> Policy:
     """The profile ``ceiling`` with the fields ``requested`` sets, if none of them is looser;
     else PolicyViolation naming each widening."""
     changes = {f: getattr(requested, f) for f in requested.explicit_fields()}
+    # packages add up: every session of the role gets the profile's, and may ask for more
+    if "packages" in changes:
+        changes["packages"] = tuple(dict.fromkeys(ceiling.packages + tuple(requested.packages)))
+    if changes.get("image_flavour", ceiling.image_flavour) is None:
+        changes.pop("image_flavour", None)
     merged = dataclasses.replace(ceiling, **changes)
     wider = merged.relaxations(base=ceiling)
     if ceiling.image is not None and merged.image not in (None, ceiling.image):

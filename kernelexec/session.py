@@ -85,6 +85,7 @@ class AsyncSession:
         self.policy = policy or Policy()
         self.profile = profile
         self._image = image or self.policy.image
+        self._derived: str | None = None  # the image with policy.packages, once built or found
         self._audit = open_audit_log(audit_log)
         self._precheck = precheck
         self.auto_restart = auto_restart
@@ -149,6 +150,10 @@ class AsyncSession:
         if self._sandbox is not None:
             return
         self.backend.install_exit_hooks()  # here, on the caller's thread: it may be the main one
+        if (self.policy.packages or self.policy.image_flavour) and self._derived is None:
+            # before the start deadline: a first use builds the image, which takes longer than a start
+            self._derived = await self.backend.image_with(self._image or _default_image(), self.policy.packages,
+                                                          self.policy.image_flavour)
         try:
             await asyncio.wait_for(self._start(), self.policy.start_timeout)
             self._log("created", container=self.container_id, image=self._sandbox.image if self._sandbox else None,
@@ -167,7 +172,7 @@ class AsyncSession:
 
     async def _start(self) -> None:
         await self.backend.prepare()
-        image = self._image or _default_image()
+        image = self._derived or self._image or _default_image()
         self._key = key = new_key()
         sandbox = self.backend.new_sandbox(self.policy, image, key, self.id, egress=self._egress_handler())
         self._sandbox = sandbox

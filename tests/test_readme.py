@@ -63,6 +63,9 @@ TWIN = {
     "scripts/setup.sh && .venv/bin/python -m pytest -q": ".ci/run",  # the test suite cannot run itself
     "kernelexec kernelspec install":
         "tests/integrations/test_provisioner.py::test_papermill_runs_the_quickstart",
+    # a session on a derived image (found, or built from the host's index on first use)
+    'Session(Policy(packages=("scikit-learn>=1.4", "seaborn")))     # built on first use, then found':
+        "tests/test_images_packages.py::test_ls_shows_what_each_adds_and_rm_refuses_an_image_in_use",
 }
 #: blocks checked here by other means (see the tests below)
 OWN = {"scripts/setup.sh && .venv/bin/kernelexec run examples/hello.py", '{"mcpServers"', "[profiles."}
@@ -130,11 +133,17 @@ def test_quick_start_command_runs_the_hello_example(kernel_image):
 def test_profile_file_example_defines_a_profile(tmp_path):
     from kernelexec.profiles import profile_policy
 
-    (block,) = [b for lang, b in BLOCKS if lang == "toml" and "[profiles." in b]
-    f = tmp_path / "kernelexec.toml"
-    f.write_text("\n".join(line.strip() for line in block.splitlines()))
-    name = re.search(r"\[profiles\.(\w+)\]", block).group(1)
-    assert profile_policy(name, f).timeout == 30
+    blocks = [b for lang, b in BLOCKS if lang == "toml" and "[profiles." in b]
+    assert len(blocks) == 2  # the policy layer's, and the packages of a role (Packages in the image)
+    for block in blocks:
+        f = tmp_path / "kernelexec.toml"
+        f.write_text("\n".join(line.strip() for line in block.splitlines()))
+        name = re.search(r"\[profiles\.(\w+)\]", block).group(1)
+        policy = profile_policy(name, f)
+        if "packages" in block:
+            assert policy.packages and policy.image_flavour == "analysis" and policy.memory == "2g"
+        else:
+            assert policy.timeout == 30
 
 
 def test_mcp_client_configuration_starts_a_working_server(docker, kernel_image, tmp_path):

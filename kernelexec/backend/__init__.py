@@ -63,6 +63,18 @@ class DockerBackend(Backend):
             return AttachSandbox(policy, image, conn, egress=egress)
         return IpcSandbox(policy, image, conn, egress=egress)
 
+    async def image_with(self, image: str, packages: tuple[str, ...], flavour: str | None) -> str:
+        """The derived image of ``image`` with the packages, built on first use (a build can take
+        minutes: it runs on a worker thread, and concurrent first uses wait for one build)."""
+        import asyncio
+        import logging
+
+        from ..packages import build_packages
+
+        log = logging.getLogger("kernelexec")
+        return await asyncio.to_thread(build_packages, packages, base=image, flavour=flavour,
+                                       progress=lambda line: log.info("image: %s", line))
+
     async def prepare(self) -> None:
         """Before a start: remove what dead owners left, retry cleanups that failed."""
         from ..container import retry_failed_cleanups, startup_gc

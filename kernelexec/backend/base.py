@@ -231,6 +231,12 @@ class Backend(abc.ABC):
         (``EGRESS_PORT``) whose connections reach ``egress`` on this host; without it, no such
         port exists. A backend that cannot carry them raises rather than open the network."""
 
+    async def image_with(self, image: str, packages: tuple[str, ...], flavour: str | None) -> str:
+        """The image a session asking for ``packages`` (and ``flavour``'s) on ``image`` runs; called only
+        when it asks for some. A backend that can build images builds (or finds) the derived one."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} backend cannot add packages to an "
+                                  "image (Policy.packages, Policy.image_flavour); use an image that has them")
+
     async def prepare(self) -> None:  # noqa: B027 (optional: most backends have nothing to do)
         """Before each start: remove what owners that died left, retry cleanups that failed."""
 
