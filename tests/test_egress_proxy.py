@@ -56,8 +56,13 @@ async def serve(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter, T
                 ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Target]:
     target: Target
 
+    handlers: set[asyncio.Task[None]] = set()
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         target.connections += 1
+        me = asyncio.current_task()
+        assert me is not None
+        handlers.add(me)
         try:
             await handler(reader, writer, target)
         except (OSError, asyncio.IncompleteReadError):
@@ -69,8 +74,15 @@ async def serve(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter, T
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=ssl_context)
     target = Target(server, server.sockets[0].getsockname()[1])
-    async with server:
-        yield target
+    try:
+        async with server:
+            yield target
+    finally:
+        # Python 3.11's server close does not wait for its connections' handlers: end them here, so
+        # that none is left pending when the test's loop closes
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 async def http_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: Target,

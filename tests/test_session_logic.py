@@ -22,6 +22,7 @@ from typing import TypeVar
 import pytest
 
 from kernelexec import AsyncSession, AsyncSessionPool, Policy, Session
+from kernelexec.backend.base import EgressHandler
 from kernelexec.backend.local import LocalBackend, LocalSandbox
 from kernelexec.errors import (
     CodeTooLarge,
@@ -52,8 +53,9 @@ class Recording(LocalBackend):
         super().__init__()
         self.made: list[LocalSandbox] = []
 
-    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str) -> LocalSandbox:
-        sb = super().new_sandbox(policy, image, key, session_id)
+    def new_sandbox(self, policy: Policy, image: str, key: bytes, session_id: str, *,
+                    egress: EgressHandler | None = None) -> LocalSandbox:
+        sb = super().new_sandbox(policy, image, key, session_id, egress=egress)
         self.made.append(sb)
         return sb
 
