@@ -81,6 +81,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         r["concurrency"] = await concurrency.run(8, 5.0 if quick else 20.0, log)
     if "egress" in wanted:
         r["egress"] = await egress.run(50, 3 if quick else 10, log)
+        # sync sessions (a loop thread of their own), so off this loop
+        r["egress"]["sessions"] = await asyncio.to_thread(egress.sessions, 50, 3, log)
     if "peers" in wanted:
         from . import peers
 
