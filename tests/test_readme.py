@@ -66,6 +66,9 @@ TWIN = {
     # a session on a derived image (found, or built from the host's index on first use)
     'Session(Policy(packages=("scikit-learn>=1.4", "seaborn")))     # built on first use, then found':
         "tests/test_images_packages.py::test_ls_shows_what_each_adds_and_rm_refuses_an_image_in_use",
+    # egress: %pip through an allowlist, and a name not on it refused (the tests' own index stands in for PyPI)
+    'Session(Policy(egress=("pypi",)))      # the Python package index and its file host':
+        "tests/egress/test_egress_sessions.py::test_pip_install_through_an_allowlisted_index",
 }
 #: blocks checked here by other means (see the tests below)
 OWN = {"scripts/setup.sh && .venv/bin/kernelexec run examples/hello.py", '{"mcpServers"', "[profiles."}
@@ -134,7 +137,7 @@ def test_profile_file_example_defines_a_profile(tmp_path):
     from kernelexec.profiles import profile_policy
 
     blocks = [b for lang, b in BLOCKS if lang == "toml" and "[profiles." in b]
-    assert len(blocks) == 2  # the policy layer's, and the packages of a role (Packages in the image)
+    assert len(blocks) == 3  # the policy layer's, the packages of a role, and a role's egress
     for block in blocks:
         f = tmp_path / "kernelexec.toml"
         f.write_text("\n".join(line.strip() for line in block.splitlines()))
@@ -142,6 +145,8 @@ def test_profile_file_example_defines_a_profile(tmp_path):
         policy = profile_policy(name, f)
         if "packages" in block:
             assert policy.packages and policy.image_flavour == "analysis" and policy.memory == "2g"
+        elif "egress" in block:
+            assert policy.egress == ("pypi",) and policy.memory == "2g"  # and the rest of `analyst`
         else:
             assert policy.timeout == 30
 
