@@ -375,3 +375,31 @@ def test_cli_build_ls_lock_and_rm(docker, kernel_image, index, built, capsys, tm
     assert f"removed {tag}" in capsys.readouterr().out
     assert main(["image", "rm", tag]) == 2
     assert "no image" in capsys.readouterr().err
+
+
+ANALYSIS = """
+import numpy as np, pandas as pd, scipy.stats, sklearn.linear_model, seaborn, statsmodels.api as sm, openpyxl
+import pyarrow as pa, pyarrow.parquet as pq
+x = np.arange(50.0); y = 3 * x + 2
+fit = sklearn.linear_model.LinearRegression().fit(x[:, None], y)
+ols = sm.OLS(y, sm.add_constant(x)).fit()
+pq.write_table(pa.table({"x": x}), "/work/x.parquet")
+pd.DataFrame({"x": x}).to_excel("/work/x.xlsx")
+ax = seaborn.lineplot(x=x, y=y)
+print(round(fit.coef_[0], 6), round(ols.params[1], 6), round(scipy.stats.pearsonr(x, y)[0], 6),
+      len(pq.read_table("/work/x.parquet")), len(pd.read_excel("/work/x.xlsx")))
+"""
+
+
+def test_the_analysis_flavour_has_the_usual_imports_of_a_data_analysis_agent(docker, kernel_image, built):
+    """One flag (Policy.image_flavour): the flavour is built from the host's index on first use (a
+    minute; its wheels cached in the wheelhouse), and an analysis agent's usual imports work."""
+    from kernelexec import Policy, Session
+
+    with Session(Policy(image=kernel_image, image_flavour="analysis")) as s:
+        r = s.execute(ANALYSIS)
+        tag = docker.api.inspect_container(s.container_id)["Config"]["Image"]
+    built.append(tag)
+    assert r.error is None, r.error
+    assert r.stdout.split() == ["3.0", "3.0", "1.0", "50", "50"], r.stdout
+    assert tag.startswith(kernel_image + "-")  # a derived image of this base, tagged by its lock
