@@ -56,17 +56,23 @@ async def pump(r, w):
             w.write_eof()
     except (ConnectionError, OSError):
         w.close()
+held = set()
 async def serve(r, w):
+    me = asyncio.current_task()
+    held.add(me)  # Python 3.11.2's server keeps only a weak reference to a connection's task
     try:
-        ur, uw = await asyncio.open_unix_connection(path)
-    except OSError:
-        w.close()
-        return
-    try:
-        await asyncio.gather(pump(r, uw), pump(ur, w))
+        try:
+            ur, uw = await asyncio.open_unix_connection(path)
+        except OSError:
+            w.close()
+            return
+        try:
+            await asyncio.gather(pump(r, uw), pump(ur, w))
+        finally:
+            uw.close()
+            w.close()
     finally:
-        uw.close()
-        w.close()
+        held.discard(me)
 async def main():
     server = await asyncio.start_server(serve, sock=listener, limit=1 << 16)
     await server.serve_forever()
