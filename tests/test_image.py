@@ -190,8 +190,8 @@ def _sleeping_in_group(pid: int, group: int) -> bool:
 @pytest.fixture(scope="module")
 def offline_image(docker) -> str:
     """The real kernel image, built by the offline path if it is not there (and left there)."""
-    tag = build_image(docker, mode="offline", progress=lambda line: print(line, file=sys.stderr))
-    assert tag == image_tag() and image_present(docker, tag)
+    tag = build_image(mode="offline", progress=lambda line: print(line, file=sys.stderr))
+    assert tag == image_tag() and image_present(tag=tag)
     return tag
 
 
@@ -261,7 +261,7 @@ def test_matplotlib_import_reuses_the_prebuilt_font_list(docker, offline_image):
 def test_second_build_is_skipped(docker, offline_image):
     image_id = docker.images.get(offline_image).id
     lines: list[str] = []
-    assert build_image(docker, mode="offline", progress=lines.append) == offline_image
+    assert build_image(mode="offline", progress=lines.append) == offline_image
     assert any("up to date" in line for line in lines), lines
     assert not any("Step " in line for line in lines)
     assert docker.images.get(offline_image).id == image_id
@@ -287,11 +287,11 @@ def test_failed_build_says_why_and_leaves_nothing(docker, tmp_path, monkeypatch)
     monkeypatch.setenv("KERNELEXEC_WHEELHOUSE", str(wheelhouse))
     tag = f"kernelexec-test-failing:{os.getpid()}"
     with pytest.raises(ImageBuildError) as failure:
-        build_image(docker, mode="offline", base_image=BASE_TAG, recipe=recipe, tag=tag)
+        build_image(mode="offline", base_image=BASE_TAG, recipe=recipe, tag=tag)
     message = str(failure.value)
     assert "non-zero code: 3" in message and "about to fail" in message and "cycler-0.12.1" in message
     assert "wheelhouse" in message  # what to do next
-    assert not image_present(docker, tag)
+    assert not image_present(tag=tag)
     assert docker.images.list(all=True, filters={"label": f"kernelexec.test={label}"}) == []
 
 
@@ -322,7 +322,7 @@ def test_online_path_installs_from_the_index_with_hashes(docker):
     tag = f"kernelexec-test-online:{os.getpid()}"
     lines: list[str] = []
     try:
-        build_image(docker, mode="online", base_image=BASE_TAG, index_url=index, extra_ca=ca, tag=tag,
+        build_image(mode="online", base_image=BASE_TAG, index_url=index, extra_ca=ca, tag=tag,
                     force=True, progress=lines.append)
         log = "\n".join(lines)
         # (the engine echoes each RUN command, so look for whole output lines, not substrings of the script)
@@ -341,6 +341,6 @@ def test_online_path_installs_from_the_index_with_hashes(docker):
         history = json.dumps(docker.api.history(tag))
         assert "PIP_INDEX_URL" not in history and "ca-bundle" not in history
     finally:
-        if image_present(docker, tag):
+        if image_present(tag=tag):
             docker.images.remove(tag, force=True)
     assert any(line.startswith("removed") and "left by this build" in line for line in lines)  # the CA's stage

@@ -16,25 +16,16 @@ from typing import Any
 
 import pytest
 
-from kernelexec.container import docker_client, run_blocking
-from kernelexec.dockerapi import DockerAPI, DockerAPIError, api, close_stream
+from kernelexec.container import run_blocking
+from kernelexec.dockerapi import DockerAPI, DockerAPIError, api, close_stream, demux
 from kernelexec.engine import Endpoint, context_id, resolve_endpoint
 from kernelexec.errors import DockerUnavailable, SandboxError
 
+from ..sdk import docker_client
 from . import engine as remote
 from .certs import cert_dir, make_authority
 
 pytestmark = pytest.mark.slow
-
-
-def demux(data: bytes) -> tuple[bytes, bytes]:
-    """stdout and stderr of Docker's multiplexed stream (8-byte headers: stream, 0, 0, 0, length)."""
-    out, err = bytearray(), bytearray()
-    while len(data) >= 8:
-        kind, size = struct.unpack(">BxxxL", data[:8])
-        (out if kind == 1 else err).extend(data[8:8 + size])
-        data = data[8 + size:]
-    return bytes(out), bytes(err)
 
 
 def config(image: str, cmd: list[str], **host: Any) -> dict[str, Any]:
