@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -344,3 +345,51 @@ def test_online_path_installs_from_the_index_with_hashes(docker):
         if image_present(tag=tag):
             docker.images.remove(tag, force=True)
     assert any(line.startswith("removed") and "left by this build" in line for line in lines)  # the CA's stage
+
+
+# ------------------------------------------------------------------------------ deadlines of a build
+
+
+def small_recipe(tmp_path: Path, run: str) -> Path:
+    recipe = tmp_path / "recipe"
+    (recipe / "wheelhouse").mkdir(parents=True)
+    (recipe / "ca").mkdir()
+    (recipe / "requirements.lock").write_text("")
+    (recipe / "Dockerfile").write_text(f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN {run}\n")
+    return recipe
+
+
+@pytest.mark.parametrize("limit, run, said", [
+    ("_BUILD_SILENCE", "echo going quiet; sleep 120", "printed nothing for 3 s"),
+    ("_BUILD_TIMEOUT", "while true; do echo still busy; sleep 1; done", "took longer than 3 s and was cancelled"),
+])
+def test_a_silent_or_endless_build_is_stopped_and_leaves_nothing(docker, kernel_image, tmp_path, monkeypatch,
+                                                                 limit, run, said):
+    """The build's silence limit and its overall deadline both end it: the connection closes, the engine
+    cancels the step (its container goes), and the error says which limit it was."""
+    import kernelexec.image
+
+    monkeypatch.setattr(kernelexec.image, limit, 3.0)
+    marker = f"kx-limit-{os.getpid()}-{limit.lower()}"
+    tag = f"kernelexec-test-limit:{os.getpid()}"
+    lines: list[str] = []
+    with pytest.raises(ImageBuildError, match=said):
+        build_image(mode="online", base_image=kernel_image, recipe=small_recipe(tmp_path, f"{run} # {marker}"),
+                    tag=tag, progress=lines.append)
+    assert any(line.endswith(("] going quiet", "] still busy")) for line in lines), lines
+    assert not image_present(tag=tag)
+
+    def steps() -> list[str]:
+        return [c.id for c in docker.containers.list(all=True) if marker in " ".join(c.attrs["Config"]["Cmd"] or [])]
+
+    deadline = time.monotonic() + 60  # the engine removes the cancelled step's container a moment later
+    while steps() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert steps() == []
+
+
+def test_a_docker_sdk_client_is_deprecated_but_still_names_the_engine(docker, kernel_image):
+    with pytest.warns(DeprecationWarning, match="kernelexec.dockerapi.DockerAPI"):
+        assert image_present(docker, kernel_image)
+    with pytest.raises(TypeError, match="DockerAPI"):
+        image_present("unix:///var/run/docker.sock", kernel_image)  # type: ignore[arg-type]

@@ -199,6 +199,35 @@ def test_sdk_client_is_configured_from_the_endpoint(remote_engine, kernel_image)
         client.close()
 
 
+def test_a_derived_image_is_built_on_the_remote_engine(remote_engine, kernel_image, tmp_path, monkeypatch):
+    """Image builds go through the same Engine API client as sessions: the probe container, the build context
+    streamed over TLS and its progress streamed back, the image calls (ls, lock, rm), all on that engine."""
+    from kernelexec.packages import build_packages, image_lock, list_images, remove_image
+
+    from ..test_images_packages import make_wheel
+
+    links = tmp_path / "links"
+    links.mkdir()
+    make_wheel(links, "kx-tiny-c", "3.0")
+    monkeypatch.setenv("KERNELEXEC_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    docker = DockerAPI(remote_engine.endpoint)
+    lines: list[str] = []
+    tag = build_packages(["kx-tiny-c"], base=kernel_image, find_links=[links], no_index=True, progress=lines.append,
+                         client=docker)
+    try:
+        assert any(line.endswith("] kernelexec: installing from the wheelhouse in the build context (no index)")
+                   for line in lines), lines
+        assert tag in {i.tag for i in list_images(docker)}
+        assert image_lock(tag, docker).startswith("kx-tiny-c==3.0 --hash=sha256:")
+        probe = "import importlib.metadata as m; print(m.version('kx-tiny-c'))"
+        code, out, _ = run_blocking(run(docker, config(tag, ["/opt/kernel/bin/python", "-c", probe])))
+        assert (code, out.strip()) == (0, b"3.0")
+    finally:
+        remove_image(tag, docker)
+    assert not run_blocking(docker.image_exists(tag))
+
+
 def test_a_docker_context_made_by_the_cli_is_honoured(remote_engine, tmp_path):
     """The docker CLI writes the context store; kernelexec reads it and reaches the same engine."""
     cfg = tmp_path / "docker-config"
