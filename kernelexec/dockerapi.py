@@ -1,10 +1,15 @@
 """A small asyncio client for the Docker Engine API, over a unix socket or TCP (with TLS).
 
-Why not the docker SDK on the session path: it blocks, so every call needs a
-worker thread, and used that way it leaves a connection open per
-create/remove call (measured: five fds per session). This client opens one
-connection per request (``Connection: close``), bounds every response, can be
-cancelled at any await, and needs no thread. Which engine, and how to reach it,
+kernelexec's only way to the engine: sessions, pools, gc and image builds alike.
+Why not the docker SDK: it blocks, so every call needs a worker thread, and
+used that way it leaves a connection open per create/remove call (measured:
+five fds per session); and two clients would be two readings of the endpoint
+and two mappings of errors. This client opens one connection per request
+(``Connection: close``), bounds every response, streams the bodies that can
+be large (a build context, a root filesystem) and the responses that report
+progress (a build's, an import's), can be cancelled at any await, and needs
+no thread. Blocking code (image builds) runs it on the package's loop thread
+(:mod:`kernelexec._loop`). Which engine, and how to reach it,
 is :mod:`kernelexec.engine`'s concern (the docker CLI's rules); what needs the
 engine on this host (bind-mounted sockets) asks ``Endpoint.is_local``.
 """
