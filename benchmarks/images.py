@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelexec import AsyncSession, Policy
-from kernelexec.container import docker_client
+from kernelexec.dockerapi import api
 from kernelexec.image import image_tag
 from kernelexec.packages import FLAVOURS, build_packages
 
@@ -54,12 +54,12 @@ async def first_import(image: str) -> float:
 
 
 async def run(n: int, rebuild: bool) -> dict[str, Any]:
-    client = docker_client()
     base = image_tag()
     t = time.perf_counter()
     analysis = await asyncio.to_thread(build_packages, flavour="analysis", force=rebuild, progress=None)
     build_s = round(time.perf_counter() - t, 1) if rebuild else None
-    sizes = {name: client.images.get(tag).attrs["Size"] for name, tag in (("default", base), ("analysis", analysis))}
+    sizes = {name: (await api().image_inspect(tag))["Size"]
+             for name, tag in (("default", base), ("analysis", analysis))}
     log(f"cold start: {n} sessions on each image, alternated")
     starts: dict[str, list[float]] = {"default": [], "analysis": []}
     await cold(base)  # the first start after a build reads the layers from disk: not what is compared

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import docker
 import docker.errors
 import requests.exceptions
 
-from kernelexec.container import docker_client
 from kernelexec.image import BASE_TAG, _pip_download, _run, ensure_base_image
 
 from .roundtrip import BLOCKS
@@ -37,6 +37,12 @@ def image_tag() -> str:
     for name in ("Dockerfile", "requirements.txt"):
         h.update(name.encode() + b"\0" + (RECIPE / name).read_bytes())
     return f"kernelexec-peer:{h.hexdigest()[:12]}"
+
+
+def docker_client() -> Any:
+    """The docker SDK (the bench extra's, through autogen-ext[docker]) on the engine AutoGen's executors use:
+    they call ``docker.from_env()`` themselves, so the peers' image must be there."""
+    return docker.from_env()
 
 
 def build_image(log: Log) -> tuple[str, float | None]:

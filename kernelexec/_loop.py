@@ -5,6 +5,9 @@
   process keeps no extra thread and a leak check sees the thread count return
   to its baseline. Objects that live on it (sessions, their channels) are only
   ever used from it.
+  Blocking work that talks to the engine (image builds) holds it with
+  :meth:`LoopThread.held` for its duration and runs each engine call, or
+  steps through each streamed response (:meth:`LoopThread.iterate`), on it.
 * :func:`run_blocking`: one coroutine on a fresh loop in a fresh thread, for
   the places that cannot rely on any loop being usable: atexit, a signal
   handler that may interrupt the loop thread's own user, ``gc`` and the CLI's
@@ -14,10 +17,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Generator, Iterator
+from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
 log = logging.getLogger("kernelexec")
@@ -62,6 +66,37 @@ class LoopThread:
         inst.loop.call_soon_threadsafe(inst.loop.stop)
         if threading.current_thread() is not inst.thread:
             inst.thread.join()
+
+    @classmethod
+    @contextlib.contextmanager
+    def held(cls) -> Iterator[LoopThread]:
+        """The loop thread, kept running until the block ends (for a series of calls from blocking code)."""
+        inst = cls.acquire()
+        try:
+            yield inst
+        finally:
+            cls.release()
+
+    def iterate(self, items: AsyncIterator[T]) -> Generator[T, None, None]:
+        """The items of an async iterator (a streamed response) on the loop, one by one, in the calling thread:
+        what is done with each (progress callbacks, deadlines) runs here, never on the shared loop. Leaving
+        early closes the iterator there (for a response: its connection)."""
+        async def step() -> tuple[bool, T | None]:
+            try:
+                return True, await items.__anext__()
+            except StopAsyncIteration:
+                return False, None
+
+        try:
+            while True:
+                more, item = self.run(step())
+                if not more:
+                    return
+                yield cast(T, item)
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                self.run(close())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and wait for it.

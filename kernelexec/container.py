@@ -29,7 +29,6 @@ from .backend.base import Channels, EgressHandler
 from .backend.base import Sandbox as BaseSandbox
 from .backend.streams import HandlerTasks
 from .dockerapi import DockerAPIError, NotFound, api, close_stream
-from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxLost, SandboxStartError
 from .policy import (
     EGRESS_SOCKET,
@@ -76,54 +75,6 @@ def kernel_startup_source() -> bytes:
 
 
 T = TypeVar("T")
-
-_client_lock = threading.Lock()
-_client: Any = None
-
-
-def docker_client(endpoint: Endpoint | None = None) -> Any:
-    """A docker SDK client, for what the Engine API client does not cover (image builds, tests).
-
-    Configured from the same :class:`~kernelexec.engine.Endpoint` as the Engine API client (the docker
-    CLI's rules, contexts included), not from docker-py's own reading of the environment. The client of
-    this process's environment is shared; one for an explicit ``endpoint`` belongs to the caller (close it).
-    """
-    global _client
-    if endpoint is not None:
-        return _sdk_client(endpoint)
-    with _client_lock:
-        if _client is None:
-            _client = _sdk_client(default_endpoint())
-        return _client
-
-
-def _sdk_client(ep: Endpoint) -> Any:
-    import docker
-    from docker.tls import TLSConfig
-
-    from .dockerapi import DockerAPI
-
-    # The API version comes from our own client (same endpoint, same errors): docker-py would ask in its
-    # constructor, before trust_env can be turned off below.
-    version = run_blocking(DockerAPI(ep).version())["ApiVersion"]
-    tls: Any = False
-    if ep.tls:
-        tls = TLSConfig(client_cert=(ep.cert, ep.key) if ep.cert and ep.key else None,
-                        ca_cert=ep.ca if ep.verify else None, verify=ep.verify)
-    c = docker.DockerClient(base_url=ep.url, tls=tls, timeout=120, version=str(version))
-    # requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE replace the engine's CA on every request, and would
-    # send engine calls through HTTP(S)_PROXY: neither is the engine's (nor does the Engine API client use them)
-    c.api.trust_env = False
-    try:
-        c.ping()
-    except Exception as e:  # the SDK raises several unrelated types for "no engine"
-        c.close()
-        raise DockerUnavailable(
-            f"cannot reach the Docker engine at {ep.describe()} ({e}). Start it (`dockerd &` or "
-            "`systemctl start docker`), check DOCKER_HOST or the Docker context, and run `kernelexec doctor`"
-        ) from e
-    return c
-
 
 def process_start_ticks(pid: int) -> str | None:
     """Start time of a process in clock ticks since boot: with the pid, it names a process uniquely."""

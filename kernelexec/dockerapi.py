@@ -1,10 +1,15 @@
 """A small asyncio client for the Docker Engine API, over a unix socket or TCP (with TLS).
 
-Why not the docker SDK on the session path: it blocks, so every call needs a
-worker thread, and used that way it leaves a connection open per
-create/remove call (measured: five fds per session). This client opens one
-connection per request (``Connection: close``), bounds every response, can be
-cancelled at any await, and needs no thread. Which engine, and how to reach it,
+kernelexec's only way to the engine: sessions, pools, gc and image builds alike.
+Why not the docker SDK: it blocks, so every call needs a worker thread, and
+used that way it leaves a connection open per create/remove call (measured:
+five fds per session); and two clients would be two readings of the endpoint
+and two mappings of errors. This client opens one connection per request
+(``Connection: close``), bounds every response, streams the bodies that can
+be large (a build context, a root filesystem) and the responses that report
+progress (a build's, an import's), can be cancelled at any await, and needs
+no thread. Blocking code (image builds) runs it on the package's loop thread
+(:mod:`kernelexec._loop`). Which engine, and how to reach it,
 is :mod:`kernelexec.engine`'s concern (the docker CLI's rules); what needs the
 engine on this host (bind-mounted sockets) asks ``Endpoint.is_local``.
 """
@@ -14,18 +19,26 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from typing import Any
+import struct
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import IO, Any
 from urllib.parse import quote, urlencode
 
 from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, SandboxError
 
-__all__ = ["Conflict", "DockerAPI", "DockerAPIError", "NotFound", "api", "close_stream", "socket_path"]
+__all__ = ["Conflict", "DockerAPI", "DockerAPIError", "NotFound", "Stalled", "api", "close_stream", "file_chunks",
+           "socket_path"]
 
 MIN_API = (1, 41)  # Docker 20.10: CgroupnsMode, Init, Mounts, tmpfs volumes
 MAX_BODY = 16 << 20
 _HEADER_LIMIT = 64 << 10
 CONNECT_TIMEOUT = 20.0  # TCP connect and TLS handshake; an unreachable host must not hang a call for minutes
+_UPLOAD_CHUNK = 1 << 20
+
+#: A request body: bytes, or chunks as they come (sent with chunked transfer encoding, length unknown).
+Body = bytes | AsyncIterable[bytes] | None
 
 
 class DockerAPIError(SandboxError):
@@ -49,6 +62,11 @@ class NotFound(DockerAPIError):
 
 class Conflict(DockerAPIError):
     """409: the object is in a state that forbids the call (a name in use, a container running)."""
+
+
+class Stalled(SandboxError):
+    """A streamed response (a build's progress, an import) sent nothing for longer than its silence limit;
+    the connection was closed, which makes the engine cancel the work."""
 
 
 def socket_path(endpoint: Endpoint | None = None) -> str:
@@ -103,28 +121,36 @@ class DockerAPI:
                 "and run `kernelexec doctor`"
             ) from e
 
-    async def _send(self, method: str, path: str, params: dict[str, Any] | None, body: bytes | None,
+    async def _send(self, method: str, path: str, params: dict[str, Any] | None, body: Body,
                     content_type: str, upgrade: bool = False) -> tuple[int, dict[str, str], asyncio.StreamReader,
                                                                         asyncio.StreamWriter]:
         if self._version is None and path != "/version":
             await self.version()
         prefix = f"/v{self._version}" if self._version and path != "/version" else ""
-        url = prefix + path + (("?" + urlencode(params)) if params else "")
+        url = prefix + path + (("?" + urlencode(params, doseq=True)) if params else "")
         host = self.endpoint.address if self.endpoint.scheme == "tcp" else "docker"
         head = [f"{method} {url} HTTP/1.1", f"Host: {host}"]
         if upgrade:
             head += ["Upgrade: tcp", "Connection: Upgrade"]
         else:
             head.append("Connection: close")
-        if body is not None:
+        if isinstance(body, bytes):
             head += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        elif body is not None:
+            head += [f"Content-Type: {content_type}", "Transfer-Encoding: chunked"]
         else:
             head.append("Content-Length: 0")
         reader, writer = await self._open()
         try:
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
-            if body:
+            if isinstance(body, bytes):
                 writer.write(body)
+            elif body is not None:
+                async for chunk in body:
+                    if chunk:
+                        writer.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                        await writer.drain()  # one chunk in flight: a large upload is never held in memory
+                writer.write(b"0\r\n\r\n")
             await writer.drain()
             status_line = await reader.readline()
             parts = status_line.split(None, 2)
@@ -181,6 +207,11 @@ class DockerAPI:
             payload = await self._read_body(headers, reader, limit)
         finally:
             await close_stream(writer)
+        self._check(status, payload, what)
+        return status, payload, headers
+
+    def _check(self, status: int, payload: bytes, what: str) -> None:
+        """Every engine error becomes a :class:`DockerAPIError` here (404 NotFound, 409 Conflict)."""
         if status == 400 and not self._ssl and b"HTTP request to an HTTPS server" in payload:
             raise DockerUnavailable(f"the Docker engine at {self.endpoint.describe()} speaks TLS only: set "
                                     "DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH (or use a Docker context with "
@@ -191,7 +222,86 @@ class DockerAPI:
             except (ValueError, AttributeError):
                 message = payload.decode(errors="replace")[:500]
             raise DockerAPIError.of(status, message, what)
-        return status, payload, headers
+
+    async def stream(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: Body = None,
+                     content_type: str = "application/json", what: str = "Docker call",
+                     silence: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The JSON messages of a streamed response (build and import progress), each as soon as it arrives.
+
+        ``silence`` bounds the wait for each piece of the response (:class:`Stalled`). Leaving the
+        iteration early closes the connection: the engine then cancels the work (a build stops).
+        """
+        status, headers, reader, writer = await self._send(method, path, params, body, content_type)
+        try:
+            if status >= 400:
+                self._check(status, await self._read_body(headers, reader, MAX_BODY), what)
+            decoder = json.JSONDecoder()
+            pending = ""
+            raw = bytearray()
+            async for piece in self._pieces(headers, reader, silence, what):
+                raw += piece
+                try:  # a piece may end inside a UTF-8 sequence
+                    pending += raw.decode()
+                    raw.clear()
+                except UnicodeDecodeError as e:
+                    if len(raw) - e.start > 4:
+                        raise SandboxError(f"{what}: the Docker engine sent a response that is not UTF-8") from e
+                    pending += raw[:e.start].decode()
+                    del raw[:e.start]
+                while True:
+                    pending = pending.lstrip()
+                    if not pending:
+                        break
+                    try:
+                        message, end = decoder.raw_decode(pending)
+                    except ValueError:
+                        if len(pending) > MAX_BODY:
+                            raise SandboxError(f"{what}: a message of the Docker engine is larger than "
+                                               f"{MAX_BODY} bytes") from None
+                        break  # incomplete: wait for the rest
+                    pending = pending[end:]
+                    if isinstance(message, dict):
+                        yield message
+            if pending.strip():
+                raise SandboxError(f"{what}: the Docker engine's response ended inside a message: {pending[:200]!r}")
+        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError) as e:
+            raise DockerUnavailable(f"the Docker engine at {self.endpoint.describe()} broke off {what} "
+                                    f"({type(e).__name__}: {e})") from e
+        finally:
+            await close_stream(writer)
+
+    @staticmethod
+    async def _pieces(headers: dict[str, str], reader: asyncio.StreamReader, silence: float | None,
+                      what: str) -> AsyncIterator[bytes]:
+        """The response body as it arrives, each wait bounded by ``silence``."""
+        async def within(step: Any) -> Any:
+            try:
+                return await asyncio.wait_for(step, silence)
+            except asyncio.TimeoutError:
+                raise Stalled(f"{what}: the Docker engine sent nothing for {silence:.0f} s") from None
+
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int((await within(reader.readline())).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    return
+                while size > 0:
+                    piece = await within(reader.read(min(size, 65536)))
+                    if not piece:
+                        raise asyncio.IncompleteReadError(b"", size)
+                    size -= len(piece)
+                    yield piece
+                await within(reader.readline())
+        left = int(headers["content-length"]) if "content-length" in headers else None
+        while left is None or left > 0:
+            piece = await within(reader.read(65536 if left is None else min(left, 65536)))
+            if not piece:
+                if left:
+                    raise asyncio.IncompleteReadError(b"", left)
+                return
+            if left is not None:
+                left -= len(piece)
+            yield piece
 
     async def call(self, method: str, path: str, **kw: Any) -> Any:
         _, payload, _ = await self.request(method, path, **kw)
@@ -250,10 +360,84 @@ class DockerAPI:
 
     async def image_exists(self, name: str) -> bool:
         try:
-            await self.call("GET", f"/images/{quote(name, safe='')}/json", what=f"inspect image {name}")
+            await self.image_inspect(name)
         except NotFound:
             return False
         return True
+
+    async def image_inspect(self, name: str) -> dict[str, Any]:
+        """An image by tag or id (``Id``, ``RepoTags``, ``Config.Labels``, ``Size``...); NotFound if absent."""
+        return dict(await self.call("GET", f"/images/{quote(name, safe='')}/json", what=f"inspect image {name}"))
+
+    async def images(self, *, label: str | None = None, all: bool = False) -> list[dict[str, Any]]:
+        """Image summaries (``Id``, ``RepoTags``, ``Labels``, ``Size``, ``Created``), optionally by label."""
+        params: dict[str, Any] = {"all": "true" if all else "false"}
+        if label is not None:
+            params["filters"] = json.dumps({"label": [label]})
+        return list(await self.call("GET", "/images/json", params=params, what="list images"))
+
+    async def remove_image(self, name: str, *, force: bool = False, noprune: bool = False) -> None:
+        """Remove an image (untag it, and delete it when no other tag names it); Conflict while in use."""
+        await self.call("DELETE", f"/images/{quote(name, safe='')}",
+                        params={"force": str(force).lower(), "noprune": str(noprune).lower()},
+                        what=f"remove image {name}")
+
+    async def tag_image(self, image: str, repo: str, tag: str) -> None:
+        await self.call("POST", f"/images/{quote(image, safe='')}/tag", params={"repo": repo, "tag": tag},
+                        what=f"tag {image} as {repo}:{tag}")
+
+    async def image_containers(self, image_id: str, label: str) -> list[dict[str, Any]]:
+        """Containers (running or not) made from ``image_id`` that carry ``label``."""
+        return list(await self.call("GET", "/containers/json",
+                                    params={"all": "true",
+                                            "filters": json.dumps({"ancestor": [image_id], "label": [label]})},
+                                    what="list containers"))
+
+    async def distribution(self, image: str) -> dict[str, Any]:
+        """The registry's manifest of ``image`` (asked by the engine): cheaper than a pull."""
+        return dict(await self.call("GET", f"/distribution/{image}/json", what=f"look up {image} in its registry"))
+
+    def build(self, context: Body, *, tag: str, buildargs: dict[str, str], labels: dict[str, str],
+              nocache: bool = False, network_mode: str | None = None,
+              silence: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """``POST /build`` with the classic builder: ``context`` is the tar, streamed; the messages are the
+        build's progress (``stream``, ``status``, ``aux``, ``error``) as they come. Intermediate containers
+        are always removed; the base is never pulled if it is here."""
+        params: dict[str, Any] = {"t": tag, "buildargs": json.dumps(buildargs), "labels": json.dumps(labels),
+                                  "rm": "1", "forcerm": "1", "pull": "0", "nocache": "1" if nocache else "0",
+                                  "version": "1"}
+        if network_mode:
+            params["networkmode"] = network_mode
+        return self.stream("POST", "/build", params=params, body=context, content_type="application/x-tar",
+                           what=f"docker build of {tag}", silence=silence)
+
+    def import_image(self, rootfs: Body, *, repo: str, tag: str, changes: list[str],
+                     silence: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """``POST /images/create?fromSrc=-`` (``docker import``): a root filesystem tar, streamed, becomes
+        the image ``repo:tag`` with the Dockerfile ``changes``; the messages say how it went."""
+        return self.stream("POST", "/images/create",
+                           params={"fromSrc": "-", "repo": repo, "tag": tag, "changes": changes},
+                           body=rootfs, content_type="application/x-tar", what=f"docker import as {repo}:{tag}",
+                           silence=silence)
+
+    async def logs(self, cid: str, limit: int = MAX_BODY) -> tuple[bytes, bytes]:
+        """stdout and stderr of a container (not started with a TTY)."""
+        _, payload, _ = await self.request("GET", f"/containers/{cid}/logs", params={"stdout": "1", "stderr": "1"},
+                                           what="container logs", limit=limit)
+        return demux(payload)
+
+    async def run(self, config: dict[str, Any], *, timeout: float, name_prefix: str = "kernelexec-run-"
+                  ) -> tuple[int, bytes, bytes]:
+        """Run a container to its end, within ``timeout``: (exit status, stdout, stderr). It is removed,
+        whatever happens (a timeout or a cancellation included)."""
+        cid = await self.create_container(f"{name_prefix}{uuid.uuid4().hex[:12]}", config)
+        try:
+            await self.start(cid)
+            status = await asyncio.wait_for(self.wait(cid), timeout)
+            out, err = await self.logs(cid)
+            return int(status.get("StatusCode", -1)), out, err
+        finally:
+            await self.remove_container(cid)
 
     async def memory_peak(self, cid: str) -> int | None:
         """The container's peak memory (cgroup v1 max_usage; current usage on cgroup v2)."""
@@ -284,6 +468,23 @@ class DockerAPI:
             await close_stream(writer)
             raise SandboxError(f"Docker refused to attach to the sandbox (HTTP {status})")
         return reader, writer
+
+
+def demux(data: bytes) -> tuple[bytes, bytes]:
+    """stdout and stderr of Docker's multiplexed stream (8-byte headers: stream, 0, 0, 0, length)."""
+    out, err = bytearray(), bytearray()
+    while len(data) >= 8:
+        kind, size = struct.unpack(">BxxxL", data[:8])
+        (out if kind == 1 else err).extend(data[8:8 + size])
+        data = data[8 + size:]
+    return bytes(out), bytes(err)
+
+
+async def file_chunks(f: IO[bytes], size: int = _UPLOAD_CHUNK) -> AsyncIterator[bytes]:
+    """A blocking file or pipe as an upload body: each read on a worker thread, so the loop never waits
+    on the disk or on the process that writes the pipe."""
+    while chunk := await asyncio.to_thread(f.read, size):
+        yield chunk
 
 
 async def close_stream(writer: asyncio.StreamWriter) -> None:

@@ -23,8 +23,9 @@ and every failure is an :class:`ImageBuildError` that says what to do next.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -35,15 +36,15 @@ import tarfile
 import tempfile
 import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
+from ._loop import LoopThread
+from .dockerapi import DockerAPI, DockerAPIError, NotFound, Stalled, api, file_chunks
 from .errors import DockerUnavailable, ImageBuildError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import docker
 
 __all__ = [
     "BASE_TAG",
@@ -166,29 +167,75 @@ def image_tag(recipe_dir: Path | None = None) -> str:
     return f"{REPO}:{h.hexdigest()[:12]}"
 
 
-def image_present(client: docker.DockerClient | None = None, tag: str | None = None) -> bool:
+def image_present(client: DockerAPI | None = None, tag: str | None = None) -> bool:
     """Whether the Docker engine has ``tag`` (default: this recipe's tag)."""
-    import docker.errors
-
-    from .container import docker_client
-
-    try:
-        (client or docker_client()).images.get(tag or image_tag())
-        return True
-    except docker.errors.ImageNotFound:
-        return False
+    with _engine(client, build=False) as engine:
+        return engine(engine.api.image_exists(tag or image_tag()))
 
 
-def _client(client: docker.DockerClient | None) -> docker.DockerClient:
-    """The given client, else the library's; for a build, no engine is a build error."""
-    if client is not None:
-        return client
-    from .container import docker_client
+T = TypeVar("T")
 
-    try:
-        return docker_client()
-    except DockerUnavailable as e:
-        raise ImageBuildError(str(e)) from e
+
+class _Engine:
+    """The Engine API client for blocking code: each call runs on the package's loop thread, held for the
+    duration of the work (a build makes hundreds of calls and streams; none gets a loop of its own)."""
+
+    def __init__(self, client: DockerAPI, loop: LoopThread) -> None:
+        self.api = client
+        self._loop = loop
+
+    def __call__(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run(coro)
+
+    def iterate(self, items: AsyncIterator[T]) -> Generator[T, None, None]:
+        return self._loop.iterate(items)
+
+    def image(self, name: str) -> dict[str, Any] | None:
+        """The image's inspect data, or None when the engine has no such image."""
+        try:
+            return self(self.api.image_inspect(name))
+        except NotFound:
+            return None
+
+
+@contextlib.contextmanager
+def _engine(client: DockerAPI | None, *, build: bool = True) -> Iterator[_Engine]:
+    """The engine of ``client`` (default: this process's, :func:`kernelexec.dockerapi.api`). For a build
+    (``build``), an engine that cannot be reached is an :class:`ImageBuildError`, said before any work.
+
+    ``client`` was a docker SDK client before kernelexec stopped using the SDK: one is still accepted, with a
+    DeprecationWarning, when it is connected to this process's engine (the calls go through kernelexec's
+    own client); pass a :class:`~kernelexec.dockerapi.DockerAPI` (``DockerAPI(endpoint)``) instead.
+    """
+    sdk = None
+    if client is None:
+        chosen = api()
+    elif isinstance(client, DockerAPI):
+        chosen = client
+    elif callable(getattr(client, "info", None)) and hasattr(client, "images"):
+        warnings.warn("passing a docker SDK client to kernelexec's image functions is deprecated and will be an "
+                      "error in a future version: pass a kernelexec.dockerapi.DockerAPI (e.g. "
+                      "DockerAPI(endpoint)), or nothing for the engine of this process's environment",
+                      DeprecationWarning, stacklevel=4)
+        chosen, sdk = api(), client
+    else:
+        raise TypeError(f"client must be a kernelexec.dockerapi.DockerAPI or None, not {type(client).__name__}")
+    with LoopThread.held() as loop:
+        engine = _Engine(chosen, loop)
+        try:
+            if sdk is not None:
+                ours = engine(chosen.call("GET", "/info", what="engine info")).get("ID")
+                if sdk.info().get("ID") != ours:
+                    raise ImageBuildError(
+                        "the docker SDK client given is connected to another engine than this process's "
+                        f"({chosen.endpoint.describe()}); pass kernelexec.dockerapi.DockerAPI(endpoint) for it")
+            elif build:
+                engine(chosen.version())
+        except DockerUnavailable as e:
+            if not build:
+                raise
+            raise ImageBuildError(str(e)) from e
+        yield engine
 
 
 def _say(progress: Progress | None, line: str) -> None:
@@ -382,34 +429,28 @@ def _chunks(stream: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
         yield chunk
 
 
-def _import_rootfs(client: docker.DockerClient, root: Path, tag: str, changes: list[str],
-                   progress: Progress | None) -> None:
+def _import_rootfs(engine: _Engine, root: Path, tag: str, changes: list[str], progress: Progress | None) -> None:
     """Stream ``root`` as a tar into ``docker import`` (through the API: no docker CLI needed)."""
-    import docker.errors
-
     _say(progress, f"importing the root filesystem as {tag}")
     repo, _, version = tag.rpartition(":")
     errors = tempfile.TemporaryFile()  # a file, not a pipe: tar must never block on its own warnings
     tar = subprocess.Popen(["tar", "--numeric-owner", "--xattrs", "-C", str(root), "-cf", "-", "."],
                            stdout=subprocess.PIPE, stderr=errors, start_new_session=True)
-    # the import request has no deadline of its own while it uploads: stopping tar ends the upload
+    # the upload has no deadline of its own: stopping tar ends it, and the engine's answer is bounded by silence
     timer = threading.Timer(_IMPORT_TIMEOUT, _stop, args=(tar,))
     timer.daemon = True
     timer.start()
     failure: str | None = None
     try:
         assert tar.stdout is not None
-        result = client.api.import_image_from_stream(_chunks(tar.stdout), repository=repo, tag=version,
-                                                     changes=changes)
-        for line in str(result).splitlines():
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict) and message.get("error"):
+        for message in engine.iterate(engine.api.import_image(file_chunks(tar.stdout), repo=repo, tag=version,
+                                                              changes=changes, silence=_IMPORT_TIMEOUT)):
+            if message.get("error"):
                 failure = str(message["error"])
-    except docker.errors.APIError as e:
-        failure = str(e.explanation or e)
+    except DockerAPIError as e:
+        failure = e.explanation or str(e)
+    except (Stalled, DockerUnavailable) as e:
+        failure = str(e)
     finally:
         timer.cancel()
         if tar.stdout is not None:
@@ -424,14 +465,13 @@ def _import_rootfs(client: docker.DockerClient, root: Path, tag: str, changes: l
     if tar.returncode != 0 and failure is None:
         failure = f"tar exited with status {tar.returncode} (stopped after {_IMPORT_TIMEOUT:.0f} s?): {err[-2000:]}"
     if failure is not None:
-        try:  # a truncated upload can still have produced the tag: it must not pass for a good base later
-            client.images.remove(tag, force=True)
-        except docker.errors.APIError:
-            pass
+        # a truncated upload can still have produced the tag: it must not pass for a good base later
+        with contextlib.suppress(DockerAPIError):
+            engine(engine.api.remove_image(tag, force=True))
         raise ImageBuildError(f"docker import of the debootstrap root filesystem as {tag} failed: {failure}")
 
 
-def ensure_base_image(client: docker.DockerClient | None = None, progress: Progress | None = None, *,
+def ensure_base_image(client: DockerAPI | None = None, progress: Progress | None = None, *,
                       tag: str = BASE_TAG, suite: str = DEBIAN_SUITE, mirror: str | None = None) -> str:
     """Make sure the offline base exists: a minimal Debian with Python, made from Debian packages.
 
@@ -440,15 +480,15 @@ def ensure_base_image(client: docker.DockerClient | None = None, progress: Progr
     root (debootstrap chroots and creates device nodes) and ``debootstrap``.
     Takes about a minute; done once per machine.
     """
-    import docker.errors
+    with _engine(client) as engine:
+        return _ensure_base_image(engine, progress, tag=tag, suite=suite, mirror=mirror)
 
-    client = _client(client)
-    try:
-        client.images.get(tag)
+
+def _ensure_base_image(engine: _Engine, progress: Progress | None, *, tag: str = BASE_TAG,
+                       suite: str = DEBIAN_SUITE, mirror: str | None = None) -> str:
+    if engine.image(tag) is not None:
         _say(progress, f"base image {tag} is present")
         return tag
-    except docker.errors.ImageNotFound:
-        pass
     if not sys.platform.startswith("linux"):
         raise ImageBuildError("the offline base image is made with debootstrap, which runs on Linux only; "
                               "build online (`kernelexec image build --online`) on this machine")
@@ -477,13 +517,11 @@ def ensure_base_image(client: docker.DockerClient | None = None, progress: Progr
             'CMD ["/bin/bash"]',
             f'LABEL kernelexec.base.suite="{suite}" kernelexec.base.mirror="{mirror}"',
         ]
-        _import_rootfs(client, root, tag, changes, progress)
+        _import_rootfs(engine, root, tag, changes, progress)
     finally:
         _remove_rootfs(root, progress)
-    try:
-        client.images.get(tag)
-    except docker.errors.ImageNotFound as e:
-        raise ImageBuildError(f"docker import reported success but {tag} is not there") from e
+    if engine.image(tag) is None:
+        raise ImageBuildError(f"docker import reported success but {tag} is not there")
     return tag
 
 
@@ -704,25 +742,20 @@ _STEP_ID = re.compile(r"^ ---> ([0-9a-f]{12,64})$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _docker_build(client: docker.DockerClient, context: IO[bytes], tag: str, buildargs: dict[str, str],
+def _docker_build(engine: _Engine, context: IO[bytes], tag: str, buildargs: dict[str, str],
                   labels: dict[str, str], ids: list[str], *, nocache: bool, network_mode: str | None,
                   progress: Progress | None) -> None:
     """Run the build, streaming its output; append to ``ids`` the images it made or reused, as they
     appear (so that they can be cleaned up also when the build fails).
 
-    The HTTP read timeout bounds silence; the loop checks the overall
-    deadline at each line, and leaving the loop closes the connection, which
-    makes the engine cancel the build.
+    The response's silence limit bounds each wait for output; the loop checks the
+    overall deadline at each message, and leaving the loop closes the connection,
+    which makes the engine cancel the build.
     """
-    import docker.errors
-    import requests
-    import urllib3
-
     start = time.monotonic()
     tail: deque[str] = deque(maxlen=30)
     failure: str | None = None
-    stream = None
-    pending = ""  # the engine's chunks do not end at line ends
+    pending = ""  # the engine's messages do not end at line ends
 
     def emit(line: str) -> None:
         line = _ANSI.sub("", line).rstrip("\r")  # the engine colours the steps' stderr
@@ -734,11 +767,10 @@ def _docker_build(client: docker.DockerClient, context: IO[bytes], tag: str, bui
             ids.append(m.group(1))
         _say(progress, f"  [{time.monotonic() - start:5.0f}s] {line}")
 
+    messages = engine.iterate(engine.api.build(file_chunks(context), tag=tag, buildargs=buildargs, labels=labels,
+                                               nocache=nocache, network_mode=network_mode, silence=_BUILD_SILENCE))
     try:
-        stream = client.api.build(fileobj=context, custom_context=True, tag=tag, buildargs=buildargs,
-                                  labels=labels, rm=True, forcerm=True, pull=False, nocache=nocache,
-                                  network_mode=network_mode, decode=True, timeout=_BUILD_SILENCE)
-        for chunk in stream:
+        for chunk in messages:
             text = chunk.get("stream") or ""
             if not text and chunk.get("status") and not chunk.get("progressDetail"):
                 text = f"{chunk['status']} {chunk.get('id', '')}".rstrip() + "\n"  # the engine pulling the base
@@ -753,68 +785,70 @@ def _docker_build(client: docker.DockerClient, context: IO[bytes], tag: str, bui
             if time.monotonic() - start > _BUILD_TIMEOUT:
                 failure = f"the build took longer than {_BUILD_TIMEOUT:.0f} s and was cancelled"
                 break
-    except docker.errors.APIError as e:
-        failure = str(e.explanation or e)
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
-        failure = (f"lost the build output ({type(e).__name__}: {e}); the build printed nothing for "
-                   f"{_BUILD_SILENCE:.0f} s or the engine went away")
+    except DockerAPIError as e:
+        failure = e.explanation or str(e)
+    except (Stalled, DockerUnavailable) as e:
+        failure = (f"lost the build output ({e}); the build printed nothing for {_BUILD_SILENCE:.0f} s or the "
+                   "engine went away")
     finally:
-        if stream is not None:
-            stream.close()
+        messages.close()  # the connection: the engine cancels a build still running
     emit(pending)
     if failure is not None:
         raise ImageBuildError(f"docker build of {tag} failed: {failure}\nLast output:\n" + "\n".join(tail))
 
 
-def _remove_leftovers(client: docker.DockerClient, ids: list[str], keep: str, progress: Progress | None) -> None:
+def _remove_leftovers(engine: _Engine, ids: list[str], keep: str, progress: Progress | None) -> None:
     """Remove the untagged images this build left: the build stage (with its wheels), or a failed step.
 
     Only images named in this build's own output, newest first, untagged, and
     not the result; the engine refuses (and they are kept) when an image still
     has children or containers, which is how the final image's layers survive.
     """
-    import docker.errors
-
     removed = 0
     for image_id in reversed(dict.fromkeys(ids)):
         try:
-            img = client.images.get(image_id)
-            if img.tags or img.id == keep:
+            img = engine(engine.api.image_inspect(image_id))
+            if img.get("RepoTags") or img["Id"] == keep:
                 continue
-            client.images.remove(img.id, noprune=False)
+            engine(engine.api.remove_image(img["Id"]))
             removed += 1
-        except docker.errors.APIError:
+        except DockerAPIError:
             continue
     if removed:
         _say(progress, f"removed {removed} untagged image(s) left by this build (its build stage, or failed steps)")
 
 
-def registry_reachable(client: docker.DockerClient, image: str = PUBLIC_BASE, timeout: float = _PROBE_TIMEOUT) -> bool:
+def registry_reachable(client: DockerAPI | None = None, image: str = PUBLIC_BASE,
+                       timeout: float = _PROBE_TIMEOUT) -> bool:
     """Whether ``image`` is here, or the engine can reach its registry and find it, within ``timeout``.
 
     Asks for the manifest only (``/distribution``): cheaper than a pull, and
     the build pulls the base itself.
     """
-    import docker.errors
-    import requests
-    import urllib3
+    with _engine(client, build=False) as engine:
+        return _registry_reachable(engine, image, timeout)
 
-    try:
-        client.images.get(image)
+
+def _registry_reachable(engine: _Engine, image: str, timeout: float) -> bool:
+    async def probe() -> bool:
+        try:
+            await engine.api.image_inspect(image)
+            return True
+        except NotFound:
+            pass
+        try:
+            await asyncio.wait_for(engine.api.distribution(image), timeout)
+        except (asyncio.TimeoutError, DockerAPIError, DockerUnavailable):
+            return False
         return True
-    except docker.errors.ImageNotFound:
-        pass
-    except docker.errors.APIError:
-        return False
-    url = f"{client.api.base_url}/v{client.api.api_version}/distribution/{image}/json"
+
     try:
-        response = client.api.get(url, timeout=timeout)
-    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError):
+        return engine(probe())
+    except (DockerAPIError, DockerUnavailable):
         return False
-    return response.status_code == 200
 
 
-def build_image(client: docker.DockerClient | None = None, *, mode: Mode = "auto", force: bool = False,
+def build_image(client: DockerAPI | None = None, *, mode: Mode = "auto", force: bool = False,
                 progress: Progress | None = None, base_image: str | None = None, index_url: str | None = None,
                 extra_ca: str | os.PathLike[str] | None = None, tag: str | None = None,
                 recipe: Path | None = None) -> str:
@@ -831,31 +865,35 @@ def build_image(client: docker.DockerClient | None = None, *, mode: Mode = "auto
     proxy's) are for the online path, as ``--build-arg PIP_INDEX_URL`` and a
     file in ``ca/`` are for ``docker build``. ``tag`` and ``recipe`` exist
     for tests and forks. Output lines go to ``progress``.
-    """
-    import docker.errors
 
-    client = _client(client)
-    recipe = recipe or kernel_image_dir()
-    tag = tag or image_tag(recipe)
+    ``client``: the engine (a :class:`~kernelexec.dockerapi.DockerAPI`), default this process's.
+    """
     if mode not in ("auto", "online", "offline"):
         raise ValueError(f"mode must be 'auto', 'online' or 'offline', not {mode!r}")
-    old_id: str | None = None
-    try:
-        old_id = client.images.get(tag).id
-    except docker.errors.ImageNotFound:
-        pass
+    with _engine(client) as engine:
+        return _build_image(engine, mode=mode, force=force, progress=progress, base_image=base_image,
+                            index_url=index_url, extra_ca=extra_ca, tag=tag, recipe=recipe)
+
+
+def _build_image(engine: _Engine, *, mode: Mode, force: bool, progress: Progress | None, base_image: str | None,
+                 index_url: str | None, extra_ca: str | os.PathLike[str] | None, tag: str | None,
+                 recipe: Path | None) -> str:
+    recipe = recipe or kernel_image_dir()
+    tag = tag or image_tag(recipe)
+    old = engine.image(tag)
+    old_id = old["Id"] if old else None
     if old_id and not force:
         _say(progress, f"{tag} is up to date (the recipe has not changed); nothing to build")
         return tag
     t0 = time.monotonic()
     if mode == "auto":
         probe = base_image or PUBLIC_BASE
-        mode = "online" if registry_reachable(client, probe) else "offline"
+        mode = "online" if _registry_reachable(engine, probe, _PROBE_TIMEOUT) else "offline"
         _say(progress, f"{probe} " + ("is available: building online" if mode == "online" else
                                       "cannot be pulled: building offline (debootstrap base, host-side wheelhouse)"))
     buildargs: dict[str, str] = {}
     if mode == "offline":
-        base = base_image or ensure_base_image(client, progress)
+        base = base_image or _ensure_base_image(engine, progress)
         wheels = download_wheelhouse(recipe, progress)
         ca_files: list[Path] = []
         network_mode: str | None = "none"  # everything the build needs is in its context
@@ -879,7 +917,7 @@ def build_image(client: docker.DockerClient | None = None, *, mode: Mode = "auto
     with tempfile.TemporaryFile(prefix="kernelexec-context-") as context:
         _context(recipe, wheels, ca_files, context)
         try:
-            _docker_build(client, context, tag, buildargs, labels, ids, nocache=force,
+            _docker_build(engine, context, tag, buildargs, labels, ids, nocache=force,
                           network_mode=network_mode, progress=progress)
         except ImageBuildError as e:
             hint = ("\nThe offline build uses the base image and the wheelhouse "
@@ -888,20 +926,16 @@ def build_image(client: docker.DockerClient | None = None, *, mode: Mode = "auto
                     "behind a TLS-intercepting proxy, pass its CA (extra_ca, or a .pem in kernel-image/ca/).")
             raise ImageBuildError(str(e) + hint) from None
         finally:
-            new_id = None
-            try:
-                new_id = client.images.get(tag).id
-            except docker.errors.ImageNotFound:
-                pass
-            _remove_leftovers(client, ids, keep=new_id or "", progress=progress)
-    if new_id is None:
+            new = engine.image(tag)
+            new_id = new["Id"] if new else None
+            _remove_leftovers(engine, ids, keep=new_id or "", progress=progress)
+    if new is None or new_id is None:
         raise ImageBuildError(f"docker build of {tag} ended without error but the image is not there")
     if old_id and old_id != new_id:
-        try:  # the image the forced rebuild replaced, unless a container still uses it
-            if not client.images.get(old_id).tags:
-                client.images.remove(old_id, noprune=False)
-        except docker.errors.APIError:
-            pass
-    size = client.images.get(tag).attrs.get("Size", 0)
+        # the image the forced rebuild replaced, unless a container still uses it
+        with contextlib.suppress(DockerAPIError):
+            if not engine(engine.api.image_inspect(old_id)).get("RepoTags"):
+                engine(engine.api.remove_image(old_id))
+    size = new.get("Size", 0)
     _say(progress, f"built {tag} ({mode}, {size / 1e6:.0f} MB) in {time.monotonic() - t0:.0f} s")
     return tag

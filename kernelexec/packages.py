@@ -48,12 +48,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from .dockerapi import DockerAPI, DockerAPIError, NotFound
 from .errors import ImageBuildError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import docker
+    from .image import _Engine
 
 __all__ = [
     "FLAVOURS",
@@ -254,30 +255,50 @@ def _build_lock(digest: str, progress: Progress | None) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _find_request(client: docker.DockerClient, digest: str) -> str | None:
+def _find_request(engine: _Engine, digest: str) -> str | None:
     """The tag of an image built for this request, if the engine has one."""
-    for img in client.images.list(filters={"label": f"{LABEL_REQUEST}={digest}"}):
-        for tag in img.tags:
-            return str(tag)
+    for img in engine(engine.api.images(label=f"{LABEL_REQUEST}={digest}")):
+        for tag in _tags(img):
+            return tag
     return None
+
+
+def _tags(img: dict[str, Any]) -> list[str]:
+    """An image's tags (the engine says ``<none>:<none>`` or nothing for an untagged one)."""
+    return [str(t) for t in img.get("RepoTags") or () if t and t != "<none>:<none>"]
 
 
 _INSTALLED = ("import importlib.metadata as m, json; "
               "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
 
 
-def installed_packages(client: docker.DockerClient, image: str) -> dict[str, str]:
+_PROBE_TIMEOUT = 120.0
+
+
+def installed_packages(client: DockerAPI | None, image: str) -> dict[str, str]:
     """{normalized name: version} of what ``image``'s kernel has, read by running it once
     (no network, removed at once): works for any base, derived ones included."""
-    import docker.errors
+    from .image import _engine
+
+    with _engine(client) as engine:
+        return _installed_packages(engine, image)
+
+
+def _installed_packages(engine: _Engine, image: str) -> dict[str, str]:
+    import asyncio
 
     from .policy import KERNEL_PYTHON
 
+    config = {"Image": image, "Cmd": [KERNEL_PYTHON, "-c", _INSTALLED], "User": "10001:10001",
+              "NetworkDisabled": True, "Labels": {"kernelexec.probe": "installed-packages"},
+              "HostConfig": {"NetworkMode": "none", "ReadonlyRootfs": True}}
     try:
-        out = client.containers.run(image, [KERNEL_PYTHON, "-c", _INSTALLED], remove=True, network_disabled=True,
-                                    network_mode="none", read_only=True, user="10001:10001", stderr=True)
+        code, out, err = engine(engine.api.run(config, timeout=_PROBE_TIMEOUT, name_prefix="kernelexec-probe-"))
+        if code != 0:
+            raise ImageBuildError(f"the kernel's Python exited with status {code}: "
+                                  f"{err.decode(errors='replace').strip()[-500:]}")
         found = json.loads(out.decode().strip().splitlines()[-1])
-    except (docker.errors.APIError, docker.errors.ContainerError, ValueError, IndexError) as e:
+    except (DockerAPIError, ImageBuildError, asyncio.TimeoutError, ValueError, IndexError) as e:
         raise ImageBuildError(f"cannot list the packages of the base image {image} ({e}); is it a kernelexec "
                               "kernel image (Python at /opt/kernel/bin/python)?") from e
     return {_normalize(k): str(v) for k, v in found.items()}
@@ -464,11 +485,9 @@ class KernelImage:
 DerivedImage = KernelImage
 
 
-def _build(client: docker.DockerClient, base: str, lock: str, tag: str, labels: dict[str, str], mode: Mode,
+def _build(engine: _Engine, base: str, lock: str, tag: str, labels: dict[str, str], mode: Mode,
            source: list[str], wheels_from: list[Path], index_url: str | None,
            extra_ca: str | os.PathLike[str] | None, progress: Progress | None) -> None:
-    import docker.errors
-
     from .image import _docker_build, _remove_leftovers, _say, _write_context, wheelhouse_dir
 
     if mode == "offline":
@@ -494,23 +513,23 @@ def _build(client: docker.DockerClient, base: str, lock: str, tag: str, labels: 
             _say(progress, f"building {tag} ({mode}, on {base}, {len(_lock_pins(lock))} packages)")
             new_id = ""
             try:
-                _docker_build(client, context, tag, buildargs, labels, ids, nocache=False,
+                _docker_build(engine, context, tag, buildargs, labels, ids, nocache=False,
                               network_mode=network_mode, progress=progress)
             except ImageBuildError as e:
                 names = ", ".join(f"{n}=={v}" for n, (v, _) in sorted(_lock_pins(lock).items()))
                 raise ImageBuildError(f"installing {names} into {tag} failed (the packages are named in pip's "
                                       f"output below; nothing was kept)\n{e}") from None
             finally:
-                with contextlib.suppress(docker.errors.ImageNotFound):
-                    new_id = client.images.get(tag).id
-                _remove_leftovers(client, ids, keep=new_id, progress=progress)
+                if (new := engine.image(tag)) is not None:
+                    new_id = new["Id"]
+                _remove_leftovers(engine, ids, keep=new_id, progress=progress)
 
 
 def build_packages(requirements: Sequence[str] = (), *, base: str | None = None, flavour: str | None = None,
                    lock: str | None = None, mode: Mode = "offline", force: bool = False,
                    find_links: Sequence[str | os.PathLike[str]] = (), index_url: str | None = None,
                    no_index: bool = False, extra_ca: str | os.PathLike[str] | None = None,
-                   progress: Progress | None = None, client: docker.DockerClient | None = None) -> str:
+                   progress: Progress | None = None, client: DockerAPI | None = None) -> str:
     """The tag of ``base`` (default: this version's kernel image, built if missing) plus
     ``requirements`` and ``flavour``'s packages, or exactly ``lock``; built unless an image of
     the same request is on the engine.
@@ -518,10 +537,9 @@ def build_packages(requirements: Sequence[str] = (), *, base: str | None = None,
     ``find_links``, ``index_url``, ``no_index``: where the host's pip looks (else its own
     configuration). ``mode="online"``: pip in the build fetches the locked files from the index
     (``index_url``, ``extra_ca`` for a TLS-inspecting proxy) instead of the host's wheelhouse.
+    ``client``: the engine (a :class:`~kernelexec.dockerapi.DockerAPI`), default this process's.
     """
-    import docker.errors
-
-    from .image import _client, _say, build_image, image_tag
+    from .image import _engine
 
     if mode not in ("offline", "online"):
         raise ValueError(f"mode must be 'offline' or 'online', not {mode!r}")
@@ -532,25 +550,38 @@ def build_packages(requirements: Sequence[str] = (), *, base: str | None = None,
         lock = render_lock(_lock_pins(lock))
     elif not specs:
         raise ValueError("no packages asked for: give requirements, a flavour or a lock")
-    client = _client(client)
+    with _engine(client) as engine:
+        return _build_packages(engine, specs, base=base, flavour=flavour, lock=lock, mode=mode, force=force,
+                               find_links=find_links, index_url=index_url, no_index=no_index, extra_ca=extra_ca,
+                               progress=progress)
+
+
+def _build_packages(engine: _Engine, specs: list[str], *, base: str | None, flavour: str | None, lock: str | None,
+                    mode: Mode, force: bool, find_links: Sequence[str | os.PathLike[str]], index_url: str | None,
+                    no_index: bool, extra_ca: str | os.PathLike[str] | None, progress: Progress | None) -> str:
+    from .image import _build_image, _say, image_tag
+
     t0 = time.monotonic()
     if base is None:
-        base = build_image(client, progress=progress) if not _present(client, image_tag()) else image_tag()
-    try:
-        base_id = client.images.get(base).id
-    except docker.errors.ImageNotFound:
+        base = image_tag()
+        if engine.image(base) is None:
+            base = _build_image(engine, mode="auto", force=False, progress=progress, base_image=None,
+                                index_url=None, extra_ca=None, tag=None, recipe=None)
+    base_img = engine.image(base)
+    if base_img is None:
         raise ImageBuildError(f"the base image {base} is not on this engine; build it (`kernelexec image build`) "
-                              "or pull it") from None
+                              "or pull it")
+    base_id = str(base_img["Id"])
     digest = request_digest(base_id, specs, lock)
-    if not force and (found := _find_request(client, digest)):
+    if not force and (found := _find_request(engine, digest)):
         _say(progress, f"{found} is up to date (same base and packages); nothing to build")
         return found
     source = _source_options(find_links, index_url, no_index)
     with _build_lock(digest, progress):
-        if not force and (found := _find_request(client, digest)):  # another process built it meanwhile
+        if not force and (found := _find_request(engine, digest)):  # another process built it meanwhile
             _say(progress, f"{found} was built meanwhile by another process")
             return found
-        installed = installed_packages(client, base)
+        installed = _installed_packages(engine, base)
         tmp: tempfile.TemporaryDirectory[str] | None = None
         try:
             wheels: list[Path] = []
@@ -569,25 +600,18 @@ def build_packages(requirements: Sequence[str] = (), *, base: str | None = None,
                       + ", ".join(f"{n}=={v}" for n, (v, _) in sorted(_lock_pins(lock).items()))}
             if flavour:
                 labels[LABEL_FLAVOUR] = flavour
-            old_id = None
-            with contextlib.suppress(docker.errors.ImageNotFound):
-                old_id = client.images.get(tag).id
-            _build(client, base, lock, tag, labels, mode, source, wheels, index_url, extra_ca, progress)
-            if old_id and old_id != client.images.get(tag).id:  # a forced rebuild: the image it replaced
-                with contextlib.suppress(docker.errors.APIError):
-                    client.images.remove(old_id, noprune=False)
+            old = engine.image(tag)
+            _build(engine, base, lock, tag, labels, mode, source, wheels, index_url, extra_ca, progress)
+            built = engine(engine.api.image_inspect(tag))
+            if old and old["Id"] != built["Id"]:  # a forced rebuild: the image it replaced
+                with contextlib.suppress(DockerAPIError):
+                    engine(engine.api.remove_image(old["Id"]))
         finally:
             if tmp is not None:
                 tmp.cleanup()
-    size = client.images.get(tag).attrs.get("Size", 0)
+    size = built.get("Size", 0)
     _say(progress, f"built {tag} ({size / 1e6:.0f} MB in all) in {time.monotonic() - t0:.0f} s")
     return tag
-
-
-def _present(client: docker.DockerClient, tag: str) -> bool:
-    from .image import image_present
-
-    return image_present(client, tag)
 
 
 def image_with(packages: Sequence[str] = (), flavour: str | None = None, *, base: str | None = None,
@@ -601,9 +625,9 @@ def image_with(packages: Sequence[str] = (), flavour: str | None = None, *, base
     return build_packages(packages, base=base, flavour=flavour, progress=progress)
 
 
-def _describe(img: docker.models.images.Image) -> KernelImage | None:
-    labels = img.labels or {}
-    tags = [t for t in img.tags if t]
+def _describe(img: dict[str, Any]) -> KernelImage | None:
+    labels = img.get("Labels") or {}
+    tags = _tags(img)
     if labels.get(LABEL_KIND) != "kernel" or not tags:
         return None
     lock = labels.get(LABEL_LOCK)
@@ -617,60 +641,62 @@ def _describe(img: docker.models.images.Image) -> KernelImage | None:
         requested = tuple(json.loads(labels.get(LABEL_REQUIREMENTS, "[]")))
     except ValueError:
         requested = ()
-    return KernelImage(tag=tags[0], id=img.id, size=int(img.attrs.get("Size", 0)),
-                       created=str(img.attrs.get("Created", ""))[:19].replace("T", " "),
+    created = img.get("Created", "")
+    if isinstance(created, int):  # the list gives seconds since the epoch, inspect an ISO time
+        from datetime import datetime, timezone
+
+        created = datetime.fromtimestamp(created, timezone.utc).isoformat()
+    return KernelImage(tag=tags[0], id=str(img["Id"]), size=int(img.get("Size", 0)),
+                       created=str(created)[:19].replace("T", " "),
                        base=labels.get(LABEL_BASE) if lock else None, packages=packages,
                        requested=requested, flavour=labels.get(LABEL_FLAVOUR))
 
 
-def list_images(client: docker.DockerClient | None = None) -> list[KernelImage]:
+def list_images(client: DockerAPI | None = None) -> list[KernelImage]:
     """The kernelexec kernel images on the engine, base and derived, oldest first."""
-    from .image import _client
+    from .image import _engine
 
-    client = _client(client)
-    found = [d for img in client.images.list(filters={"label": f"{LABEL_KIND}=kernel"})
-             if (d := _describe(img)) is not None]
+    with _engine(client) as engine:
+        found = [d for img in engine(engine.api.images(label=f"{LABEL_KIND}=kernel"))
+                 if (d := _describe(img)) is not None]
     return sorted(found, key=lambda d: (d.created, d.tag))
 
 
-def image_lock(tag: str, client: docker.DockerClient | None = None) -> str:
+def image_lock(tag: str, client: DockerAPI | None = None) -> str:
     """The lock a derived image was built from (its label)."""
-    import docker.errors
+    from .image import _engine
 
-    from .image import _client
-
-    client = _client(client)
-    try:
-        lock = (client.images.get(tag).labels or {}).get(LABEL_LOCK)
-    except docker.errors.ImageNotFound:
-        raise ImageBuildError(f"no image {tag} on this engine (`kernelexec image ls` lists them)") from None
+    with _engine(client) as engine:
+        img = engine.image(tag)
+    if img is None:
+        raise ImageBuildError(f"no image {tag} on this engine (`kernelexec image ls` lists them)")
+    lock = ((img.get("Config") or {}).get("Labels") or {}).get(LABEL_LOCK)
     if not lock:
         raise ImageBuildError(f"{tag} is not a derived image (it has no {LABEL_LOCK} label): its packages are "
                               "those of the kernel image recipe's requirements.lock")
-    return lock
+    return str(lock)
 
 
-def remove_image(tag: str, client: docker.DockerClient | None = None) -> None:
+def remove_image(tag: str, client: DockerAPI | None = None) -> None:
     """Remove a kernelexec image; refused while a session's container runs it, and when the engine
     refuses (e.g. a derived image still stands on it)."""
-    import docker.errors
-
     from .container import LABEL as LABEL_SESSION
-    from .image import _client
+    from .image import _engine
 
-    client = _client(client)
-    try:
-        img = client.images.get(tag)
-    except docker.errors.ImageNotFound:
-        raise ImageBuildError(f"no image {tag} on this engine (`kernelexec image ls` lists them)") from None
-    if (img.labels or {}).get(LABEL_KIND) != "kernel":
-        raise ImageBuildError(f"{tag} is not a kernelexec kernel image; remove it with docker itself")
-    users = [c for c in client.api.containers(all=True, filters={"ancestor": img.id, "label": LABEL_SESSION})]
-    if users:
-        names = ", ".join(c["Id"][:12] for c in users)
-        raise ImageBuildError(f"{tag} is used by {len(users)} session container(s) ({names}); end those sessions "
-                              "(`kernelexec ps`, `kernelexec gc`) and remove it then")
-    try:
-        client.images.remove(tag, noprune=False)
-    except docker.errors.APIError as e:
-        raise ImageBuildError(f"the engine refused to remove {tag}: {e.explanation or e}") from None
+    with _engine(client) as engine:
+        img = engine.image(tag)
+        if img is None:
+            raise ImageBuildError(f"no image {tag} on this engine (`kernelexec image ls` lists them)")
+        if ((img.get("Config") or {}).get("Labels") or {}).get(LABEL_KIND) != "kernel":
+            raise ImageBuildError(f"{tag} is not a kernelexec kernel image; remove it with docker itself")
+        users = engine(engine.api.image_containers(img["Id"], LABEL_SESSION))
+        if users:
+            names = ", ".join(c["Id"][:12] for c in users)
+            raise ImageBuildError(f"{tag} is used by {len(users)} session container(s) ({names}); end those "
+                                  "sessions (`kernelexec ps`, `kernelexec gc`) and remove it then")
+        try:
+            engine(engine.api.remove_image(tag))
+        except NotFound:
+            raise ImageBuildError(f"no image {tag} on this engine (`kernelexec image ls` lists them)") from None
+        except DockerAPIError as e:
+            raise ImageBuildError(f"the engine refused to remove {tag}: {e.explanation or e}") from None

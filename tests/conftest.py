@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from kernelexec import Policy, Session
-from kernelexec.container import docker_client
 from kernelexec.sockdir import PREFIX, socket_root
+
+from .sdk import docker_client
 
 #: Policy fields whose default a test run may change, and the variables that change them.
 TEST_DEFAULTS = {"runtime": "KERNELEXEC_TEST_RUNTIME", "transport": "KERNELEXEC_TEST_TRANSPORT"}
@@ -90,8 +91,8 @@ def kernel_image(docker) -> str:
     from kernelexec.image import build_image, image_present, image_tag
 
     tag = image_tag()
-    if not image_present(docker, tag):
-        build_image(docker, progress=lambda line: print(line, file=sys.stderr))
+    if not image_present(tag=tag):
+        build_image(progress=lambda line: print(line, file=sys.stderr))
     return tag
 
 

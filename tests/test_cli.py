@@ -22,9 +22,10 @@ import pytest
 
 from kernelexec import Policy, Session
 from kernelexec.cli import main
-from kernelexec.container import docker_client
 from kernelexec.notebook import notebook_errors, run_notebook
 from kernelexec.sockdir import PREFIX, socket_root
+
+from .sdk import docker_client
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -190,8 +191,8 @@ def _sleeping_in_group(pid: int, group: int) -> bool:
 @pytest.fixture(scope="module")
 def offline_image(docker) -> str:
     """The real kernel image, built by the offline path if it is not there (and left there)."""
-    tag = build_image(docker, mode="offline", progress=lambda line: print(line, file=sys.stderr))
-    assert tag == image_tag() and image_present(docker, tag)
+    tag = build_image(mode="offline", progress=lambda line: print(line, file=sys.stderr))
+    assert tag == image_tag() and image_present(tag=tag)
     return tag
 
 
@@ -263,7 +264,7 @@ def test_matplotlib_import_reuses_the_prebuilt_font_list(docker, offline_image):
 def test_second_build_is_skipped(docker, offline_image):
     image_id = docker.images.get(offline_image).id
     lines: list[str] = []
-    assert build_image(docker, mode="offline", progress=lines.append) == offline_image
+    assert build_image(mode="offline", progress=lines.append) == offline_image
     assert any("up to date" in line for line in lines), lines
     assert not any("Step " in line for line in lines)
     assert docker.images.get(offline_image).id == image_id
@@ -289,11 +290,11 @@ def test_failed_build_says_why_and_leaves_nothing(docker, tmp_path, monkeypatch)
     monkeypatch.setenv("KERNELEXEC_WHEELHOUSE", str(wheelhouse))
     tag = f"kernelexec-test-failing:{os.getpid()}"
     with pytest.raises(ImageBuildError) as failure:
-        build_image(docker, mode="offline", base_image=BASE_TAG, recipe=recipe, tag=tag)
+        build_image(mode="offline", base_image=BASE_TAG, recipe=recipe, tag=tag)
     message = str(failure.value)
     assert "non-zero code: 3" in message and "about to fail" in message and "cycler-0.12.1" in message
     assert "wheelhouse" in message  # what to do next
-    assert not image_present(docker, tag)
+    assert not image_present(tag=tag)
     assert docker.images.list(all=True, filters={"label": f"kernelexec.test={label}"}) == []
 
 
@@ -324,7 +325,7 @@ def test_online_path_installs_from_the_index_with_hashes(docker):
     tag = f"kernelexec-test-online:{os.getpid()}"
     lines: list[str] = []
     try:
-        build_image(docker, mode="online", base_image=BASE_TAG, index_url=index, extra_ca=ca, tag=tag,
+        build_image(mode="online", base_image=BASE_TAG, index_url=index, extra_ca=ca, tag=tag,
                     force=True, progress=lines.append)
         log = "\n".join(lines)
         # (the engine echoes each RUN command, so look for whole output lines, not substrings of the script)
@@ -343,6 +344,54 @@ def test_online_path_installs_from_the_index_with_hashes(docker):
         history = json.dumps(docker.api.history(tag))
         assert "PIP_INDEX_URL" not in history and "ca-bundle" not in history
     finally:
-        if image_present(docker, tag):
+        if image_present(tag=tag):
             docker.images.remove(tag, force=True)
     assert any(line.startswith("removed") and "left by this build" in line for line in lines)  # the CA's stage
+
+
+# ------------------------------------------------------------------------------ deadlines of a build
+
+
+def small_recipe(tmp_path: Path, run: str) -> Path:
+    recipe = tmp_path / "recipe"
+    (recipe / "wheelhouse").mkdir(parents=True)
+    (recipe / "ca").mkdir()
+    (recipe / "requirements.lock").write_text("")
+    (recipe / "Dockerfile").write_text(f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN {run}\n")
+    return recipe
+
+
+@pytest.mark.parametrize("limit, run, said", [
+    ("_BUILD_SILENCE", "echo going quiet; sleep 120", "printed nothing for 3 s"),
+    ("_BUILD_TIMEOUT", "while true; do echo still busy; sleep 1; done", "took longer than 3 s and was cancelled"),
+])
+def test_a_silent_or_endless_build_is_stopped_and_leaves_nothing(docker, kernel_image, tmp_path, monkeypatch,
+                                                                 limit, run, said):
+    """The build's silence limit and its overall deadline both end it: the connection closes, the engine
+    cancels the step (its container goes), and the error says which limit it was."""
+    import kernelexec.image
+
+    monkeypatch.setattr(kernelexec.image, limit, 3.0)
+    marker = f"kx-limit-{os.getpid()}-{limit.lower()}"
+    tag = f"kernelexec-test-limit:{os.getpid()}"
+    lines: list[str] = []
+    with pytest.raises(ImageBuildError, match=said):
+        build_image(mode="online", base_image=kernel_image, recipe=small_recipe(tmp_path, f"{run} # {marker}"),
+                    tag=tag, progress=lines.append)
+    assert any(line.endswith(("] going quiet", "] still busy")) for line in lines), lines
+    assert not image_present(tag=tag)
+
+    def steps() -> list[str]:
+        return [c.id for c in docker.containers.list(all=True) if marker in " ".join(c.attrs["Config"]["Cmd"] or [])]
+
+    deadline = time.monotonic() + 60  # the engine removes the cancelled step's container a moment later
+    while steps() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert steps() == []
+
+
+def test_a_docker_sdk_client_is_deprecated_but_still_names_the_engine(docker, kernel_image):
+    with pytest.warns(DeprecationWarning, match="kernelexec.dockerapi.DockerAPI"):
+        assert image_present(docker, kernel_image)
+    with pytest.raises(TypeError, match="DockerAPI"):
+        image_present("unix:///var/run/docker.sock", kernel_image)  # type: ignore[arg-type]

@@ -297,13 +297,13 @@ def test_a_package_that_fails_in_the_build_is_named_and_its_layers_removed(docke
     assert "kx-tiny-a 2.0 requires kx-tiny-b, which is not installed" in message
     assert any("Step " in line for line in lines)  # it did fail in the build, not before it
     assert images_on(docker, kernel_image) <= before
-    assert not [i for i in list_images(docker) if "kx-tiny-a==2.0" in i.packages]
+    assert not [i for i in list_images() if "kx-tiny-a==2.0" in i.packages]
 
 
 def test_ls_shows_what_each_adds_and_rm_refuses_an_image_in_use(docker, kernel_image, index, built):
     tag = build_packages(["kx-tiny-c"], base=kernel_image, find_links=[index], no_index=True)
     built.append(tag)
-    listed = {i.tag: i for i in list_images(docker)}
+    listed = {i.tag: i for i in list_images()}
     assert listed[tag].packages == ("kx-tiny-c==3.0",) and listed[tag].base == kernel_image
     assert listed[tag].requested == ("kx-tiny-c",)
     assert kernel_image in listed and listed[kernel_image].packages == () and listed[kernel_image].base is None
@@ -312,12 +312,12 @@ def test_ls_shows_what_each_adds_and_rm_refuses_an_image_in_use(docker, kernel_i
         assert s.execute("import kx_tiny_c; print(kx_tiny_c.VALUE)").stdout == "3.0\n"
         assert docker.api.inspect_container(s.container_id)["Config"]["Image"] == tag
         with pytest.raises(ImageBuildError, match="used by 1 session container"):
-            remove_image(tag, docker)
+            remove_image(tag)
         assert docker.images.get(tag)
-    remove_image(tag, docker)
-    assert tag not in {i.tag for i in list_images(docker)}
+    remove_image(tag)
+    assert tag not in {i.tag for i in list_images()}
     with pytest.raises(ImageBuildError, match="no image"):
-        remove_image(tag, docker)
+        remove_image(tag)
 
 
 def test_a_profile_states_packages_once_and_concurrent_first_uses_build_once(docker, kernel_image, index, built,

@@ -195,7 +195,7 @@ def _wait_ready(engine: RemoteEngine) -> None:
 def copy_image(tag: str, engine: RemoteEngine) -> None:
     """``docker save`` on the local engine streamed into ``docker load`` on the test engine (SDK clients
     configured from the two endpoints)."""
-    from kernelexec.container import docker_client
+    from ..sdk import docker_client
 
     local = docker_client()
     remote = docker_client(engine.endpoint)

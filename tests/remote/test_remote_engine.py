@@ -16,25 +16,16 @@ from typing import Any
 
 import pytest
 
-from kernelexec.container import docker_client, run_blocking
-from kernelexec.dockerapi import DockerAPI, DockerAPIError, api, close_stream
+from kernelexec.container import run_blocking
+from kernelexec.dockerapi import DockerAPI, DockerAPIError, api, close_stream, demux
 from kernelexec.engine import Endpoint, context_id, resolve_endpoint
 from kernelexec.errors import DockerUnavailable, SandboxError
 
+from ..sdk import docker_client
 from . import engine as remote
 from .certs import cert_dir, make_authority
 
 pytestmark = pytest.mark.slow
-
-
-def demux(data: bytes) -> tuple[bytes, bytes]:
-    """stdout and stderr of Docker's multiplexed stream (8-byte headers: stream, 0, 0, 0, length)."""
-    out, err = bytearray(), bytearray()
-    while len(data) >= 8:
-        kind, size = struct.unpack(">BxxxL", data[:8])
-        (out if kind == 1 else err).extend(data[8:8 + size])
-        data = data[8 + size:]
-    return bytes(out), bytes(err)
 
 
 def config(image: str, cmd: list[str], **host: Any) -> dict[str, Any]:
@@ -206,6 +197,35 @@ def test_sdk_client_is_configured_from_the_endpoint(remote_engine, kernel_image)
         assert any(kernel_image in image.tags for image in client.images.list())
     finally:
         client.close()
+
+
+def test_a_derived_image_is_built_on_the_remote_engine(remote_engine, kernel_image, tmp_path, monkeypatch):
+    """Image builds go through the same Engine API client as sessions: the probe container, the build context
+    streamed over TLS and its progress streamed back, the image calls (ls, lock, rm), all on that engine."""
+    from kernelexec.packages import build_packages, image_lock, list_images, remove_image
+
+    from ..test_images_packages import make_wheel
+
+    links = tmp_path / "links"
+    links.mkdir()
+    make_wheel(links, "kx-tiny-c", "3.0")
+    monkeypatch.setenv("KERNELEXEC_WHEELHOUSE", str(tmp_path / "wheelhouse"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    docker = DockerAPI(remote_engine.endpoint)
+    lines: list[str] = []
+    tag = build_packages(["kx-tiny-c"], base=kernel_image, find_links=[links], no_index=True, progress=lines.append,
+                         client=docker)
+    try:
+        assert any(line.endswith("] kernelexec: installing from the wheelhouse in the build context (no index)")
+                   for line in lines), lines
+        assert tag in {i.tag for i in list_images(docker)}
+        assert image_lock(tag, docker).startswith("kx-tiny-c==3.0 --hash=sha256:")
+        probe = "import importlib.metadata as m; print(m.version('kx-tiny-c'))"
+        code, out, _ = run_blocking(run(docker, config(tag, ["/opt/kernel/bin/python", "-c", probe])))
+        assert (code, out.strip()) == (0, b"3.0")
+    finally:
+        remove_image(tag, docker)
+    assert not run_blocking(docker.image_exists(tag))
 
 
 def test_a_docker_context_made_by_the_cli_is_honoured(remote_engine, tmp_path):
