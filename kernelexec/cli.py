@@ -836,6 +836,65 @@ def cmd_kernelspec_uninstall(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- kubernetes ----------------------------------------------------------------------------
+
+def cmd_kubernetes_manifest(args: argparse.Namespace) -> int:
+    """Print one session's objects (or, with --rbac, an administrator's one-time setup) for
+    ``kubectl apply -f -``: nothing is sent anywhere, no cluster is needed."""
+    import secrets
+
+    from . import kubernetes as k8s
+    from .profiles import profile_policy
+
+    policy = profile_policy(args.profile) if args.profile else Policy()
+    ns = args.namespace
+    if args.rbac:
+        docs = k8s.setup_manifests(policy, ns)
+        notes = [f"kernelexec: one-time setup of namespace {ns!r} for a host that runs sandboxes there.",
+                 "The host's ServiceAccount may create, watch, delete and attach to pods, nothing else.",
+                 "Enforce the restricted Pod Security Standard on the namespace:",
+                 f"  kubectl label namespace {ns} pod-security.kubernetes.io/enforce=restricted",
+                 "NetworkPolicies need a network plugin that enforces them (Calico, Cilium, ...)."]
+        if policy.runtime:
+            notes.append(f"The RuntimeClass is cluster-scoped; every node must register the {policy.runtime!r} "
+                         "handler with its container runtime.")
+        print(k8s.render(docs, notes), end="")
+        return EXIT_OK
+    image = args.image or policy.image or os.environ.get("KERNELEXEC_IMAGE") or _default_tag()
+    session = args.session or secrets.token_hex(6)
+    try:
+        docs = k8s.session_manifests(policy, image=image, session=session, namespace=ns, seccomp=args.seccomp,
+                                     active_deadline=args.deadline, user_namespace=args.user_namespace)
+    except k8s.ManifestError as e:
+        raise CliError(str(e)) from e
+    pod = docs[-1]
+    notes = [f"kernelexec session {session}: its NetworkPolicy (deny all) and Pod, from "
+             + (f"profile {args.profile!r}" if args.profile else "the default policy") + ".",
+             f"The image must be pullable by the nodes: {image}.",
+             f"Policy.pids={policy.pids} has no Pod field: set the kubelet's podPidsLimit (node-wide) to at most it."]
+    seccomp = pod["spec"]["securityContext"]["seccompProfile"]
+    if seccomp["type"] == "Localhost":
+        notes.append(f"Each node needs the seccomp profile at <kubelet seccomp root>/{seccomp['localhostProfile']} "
+                     "(`kernelexec kubernetes seccomp-profile`), or pass --seccomp runtime-default.")
+    rc = k8s.runtime_class(policy)
+    if rc is not None:
+        notes += [f"The pod runs under RuntimeClass {rc['metadata']['name']!r}, which a cluster administrator "
+                  "creates once (`--rbac` prints it):", *[f"  {line}" for line in json.dumps(rc).splitlines()]]
+    notes.append("Nothing runs until a host attaches (pods/attach) and sends the relay its hello.")
+    print(k8s.render(docs, notes), end="")
+    problems = k8s.restricted_violations(pod)
+    for p in problems:
+        print(f"kernelexec: warning: the restricted Pod Security Standard refuses this pod: {p}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_kubernetes_seccomp(args: argparse.Namespace) -> int:
+    from .seccomp import profile
+
+    print(json.dumps(profile(), indent=2))
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------
 
 def _positive(value: str) -> float:
@@ -953,6 +1012,28 @@ def build_parser() -> argparse.ArgumentParser:
     ku = command(ks, "uninstall", help="remove the 'kernelexec' kernelspec that install added")
     ku.add_argument("--sys-prefix", action="store_true", help="from this environment instead of the user's")
     ku.set_defaults(fn=cmd_kernelspec_uninstall)
+
+    kube = sub.add_parser("kubernetes", help="a session as Kubernetes objects (printed; no cluster is contacted)")
+    kube_sub = kube.add_subparsers(dest="kube_command", required=True)
+    km = command(kube_sub, "manifest", help="print a session's Pod and NetworkPolicy for `kubectl apply -f -`",
+                 description="Print one session's NetworkPolicy and Pod as a YAML stream (each document in "
+                             "JSON form) for `kubectl apply -f -`; with --rbac, the namespace's one-time setup.")
+    km.add_argument("--namespace", default="default", help="the namespace of the objects (default: default)")
+    km.add_argument("--seccomp", choices=["localhost", "runtime-default"],
+                    help="localhost: kernelexec's profile from each node's seccomp root; runtime-default: the "
+                         "runtime's (default: as the policy says, kernelexec's)")
+    km.add_argument("--session", help="session id in the names and labels (default: a random one)")
+    km.add_argument("--deadline", type=int, metavar="SECONDS", help="activeDeadlineSeconds: the kubelet ends "
+                                                                    "the pod after this long, whatever the host does")
+    km.add_argument("--user-namespace", action="store_true",
+                    help="hostUsers: false (nodes with user-namespace support): the sandbox uid is unmapped "
+                         "on the node")
+    km.add_argument("--rbac", action="store_true",
+                    help="print the setup instead: the host's ServiceAccount, Role and RoleBinding, the namespace's "
+                         "default-deny NetworkPolicy, and the RuntimeClass the policy names")
+    km.set_defaults(fn=cmd_kubernetes_manifest)
+    command(kube_sub, "seccomp-profile", help="print kernelexec's seccomp profile, for each node's seccomp root"
+            ).set_defaults(fn=cmd_kubernetes_seccomp)
     return p
 
 

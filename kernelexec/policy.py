@@ -363,6 +363,64 @@ def resolve_user(policy: Policy, host_uid: int, host_gid: int) -> tuple[int, int
     return host_uid, host_gid
 
 
+@dataclass(frozen=True)
+class ScratchDir:
+    """One memory-backed directory the code may write (a tmpfs on Docker, an ``emptyDir`` of medium
+    Memory on Kubernetes). One list for every backend, so that a size cannot differ between them."""
+
+    path: str
+    size: int
+    #: mode 0700 owned by the sandbox user (home, site); else 1777 with the sticky bit (/tmp)
+    private: bool
+    #: mapped executable: only the site directory, where ``%pip install`` puts compiled extensions
+    executable: bool = False
+
+    def tmpfs_options(self, uid: int, gid: int) -> str:
+        """Docker's ``HostConfig.Tmpfs`` options for this directory."""
+        flags = "rw,exec,nosuid,nodev" if self.executable else "rw,noexec,nosuid,nodev"
+        owner = f",uid={uid},gid={gid},mode=0700" if self.private else ",mode=1777"
+        return f"{flags},size={self.size}{owner}"
+
+
+def scratch_dirs(policy: Policy) -> list[ScratchDir]:
+    """The tmpfs directories besides the working directory and /dev/shm (which have their own
+    fields and, on Docker, their own mechanisms: a volume and ``ShmSize``)."""
+    dirs = [ScratchDir("/tmp", parse_size(policy.tmp_size), private=False),
+            ScratchDir(HOME, parse_size(policy.home_size), private=True)]
+    if policy.egress:
+        dirs.append(ScratchDir(SITE_DIR, parse_size(policy.site_size), private=True, executable=True))
+    return dirs
+
+
+def ulimits(policy: Policy) -> dict[str, int]:
+    """Resource limits per process (soft = hard), by Docker's names. Kubernetes has no field for
+    them, so a pod sets them itself before the relay starts (:mod:`kernelexec.kubernetes`)."""
+    fsize = parse_size(policy.max_file_size)
+    return {"nofile": policy.nofile, "nproc": policy.nproc, "fsize": fsize, "core": 0}
+
+
+def sandbox_env(policy: Policy) -> dict[str, str]:
+    """The container's whole environment (the host's is never passed), egress and ``Policy.env`` included."""
+    env = {
+        "HOME": HOME,
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "LANG": "C.UTF-8",
+        "PATH": "/opt/kernel/bin:/usr/local/bin:/usr/bin:/bin",
+        "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "JUPYTER_PLATFORM_DIRS": "1",
+        "KERNELEXEC_MAX_OUTPUT": str(parse_size(policy.max_output_bytes)),
+        "KERNELEXEC_MAX_MESSAGE": str(parse_size(policy.max_message_bytes)),
+        "KERNELEXEC_ORPHAN_TIMEOUT": str(policy.orphan_timeout),
+        "KERNELEXEC_OWNER_SOCKET": f"{SOCKET_MOUNT}/{OWNER_SOCKET}",
+    }
+    if policy.egress:
+        env.update(egress_env())
+    env.update(policy.env)
+    return env
+
+
 def container_config(
     policy: Policy,
     *,
@@ -387,31 +445,9 @@ def container_config(
     if policy.workspace:
         mounts.append({"Type": "bind", "Source": policy.workspace, "Target": f"{WORKDIR}/host",
                        "ReadOnly": policy.workspace_read_only, "BindOptions": {"Propagation": "rprivate"}})
-    tmpfs_flags = "rw,noexec,nosuid,nodev"
-    env = {
-        "HOME": HOME,
-        "USER": "sandbox",
-        "LOGNAME": "sandbox",
-        "LANG": "C.UTF-8",
-        "PATH": "/opt/kernel/bin:/usr/local/bin:/usr/bin:/bin",
-        "PYTHONUNBUFFERED": "1",
-        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-        "JUPYTER_PLATFORM_DIRS": "1",
-        "KERNELEXEC_MAX_OUTPUT": str(parse_size(policy.max_output_bytes)),
-        "KERNELEXEC_MAX_MESSAGE": str(parse_size(policy.max_message_bytes)),
-        "KERNELEXEC_ORPHAN_TIMEOUT": str(policy.orphan_timeout),
-        "KERNELEXEC_OWNER_SOCKET": f"{SOCKET_MOUNT}/{OWNER_SOCKET}",
-    }
-    tmpfs = {
-        "/tmp": f"{tmpfs_flags},size={parse_size(policy.tmp_size)},mode=1777",
-        HOME: f"{tmpfs_flags},size={parse_size(policy.home_size)},uid={uid},gid={gid},mode=0700",
-    }
-    if policy.egress:
-        env.update(egress_env())
-        tmpfs[SITE_DIR] = f"rw,exec,nosuid,nodev,size={parse_size(policy.site_size)},uid={uid},gid={gid},mode=0700"
-    env.update(policy.env)
+    env = sandbox_env(policy)
+    tmpfs = {d.path: d.tmpfs_options(uid, gid) for d in scratch_dirs(policy)}
     memory = parse_size(policy.memory)
-    fsize = parse_size(policy.max_file_size)
     security_opt = ["no-new-privileges:true"] if policy.no_new_privileges else []
     security_opt += seccomp_options(policy)
     if apparmor_enabled():
@@ -430,12 +466,7 @@ def container_config(
         "MemorySwap": memory,
         "NanoCpus": int(policy.cpus * 1e9),
         "PidsLimit": policy.pids,
-        "Ulimits": [
-            {"Name": "nofile", "Soft": policy.nofile, "Hard": policy.nofile},
-            {"Name": "nproc", "Soft": policy.nproc, "Hard": policy.nproc},
-            {"Name": "fsize", "Soft": fsize, "Hard": fsize},
-            {"Name": "core", "Soft": 0, "Hard": 0},
-        ],
+        "Ulimits": [{"Name": name, "Soft": value, "Hard": value} for name, value in ulimits(policy).items()],
         "ShmSize": parse_size(policy.shm_size),
         "Tmpfs": tmpfs,
         "Mounts": mounts,

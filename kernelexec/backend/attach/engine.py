@@ -28,25 +28,43 @@ from ...container import (
 )
 from ...dockerapi import DockerAPI, api, close_stream
 from ...errors import SandboxError
-from ...policy import EGRESS_PORT, KERNEL_PYTHON, SOCKET_MOUNT, Policy, container_config, parse_size
+from ...policy import (
+    EGRESS_PORT,
+    KERNEL_PYTHON,
+    SOCKET_MOUNT,
+    Policy,
+    ScratchDir,
+    container_config,
+    parse_size,
+    sandbox_env,
+)
 from ...sockdir import CONNECTION_FILE
 from ..base import Channels, ChannelsClosed
 from .channels import AttachChannels
 from .framing import Limits, encode_boot
 from .relay import BOOTSTRAP
 
-__all__ = ["AttachSandbox", "RELAY_DIR", "attach", "boot_message", "bootstrap_command",
-           "create_body", "kernel_argv", "limits_for"]
+__all__ = ["AttachSandbox", "RELAY_DIR", "RELAY_DIR_SIZE", "attach", "attach_env", "boot_message",
+           "bootstrap_command", "create_body", "kernel_argv", "limits_for"]
 
 #: The relay's private directory (a tmpfs): the kernel's files and its ipc sockets.
 RELAY_DIR = SOCKET_MOUNT
+#: Its size: the kernel's few files and sockets.
+RELAY_DIR_SIZE = 4 << 20
 #: Env the ipc transport's orphan watchdog reads; the relay watches for orphans on this transport.
-_IPC_ONLY_ENV = ("KERNELEXEC_OWNER_SOCKET=", "KERNELEXEC_ORPHAN_TIMEOUT=")
+_IPC_ONLY_ENV = ("KERNELEXEC_OWNER_SOCKET", "KERNELEXEC_ORPHAN_TIMEOUT")
 
 
-def bootstrap_command() -> list[str]:
+def bootstrap_command(prelude: str = "") -> list[str]:
+    """The container's command. ``prelude`` is Python run first, for an orchestrator with no field for
+    what the relay needs set before it starts (Kubernetes has none for rlimits)."""
     # -I: no PYTHON* variables, no user site, no working directory on sys.path
-    return [KERNEL_PYTHON, "-I", "-c", BOOTSTRAP]
+    return [KERNEL_PYTHON, "-I", "-c", prelude + BOOTSTRAP]
+
+
+def attach_env(policy: Policy) -> dict[str, str]:
+    """The container's environment on this transport: the policy's, without the ipc watchdog's variables."""
+    return {k: v for k, v in sandbox_env(policy).items() if k not in _IPC_ONLY_ENV}
 
 
 def kernel_argv(policy: Policy) -> list[str]:
@@ -67,8 +85,9 @@ def create_body(policy: Policy, *, image: str, uid: int, gid: int, work_volume: 
     host = body["HostConfig"]
     host["Mounts"] = [m for m in host["Mounts"] if m["Type"] != "bind"]
     host["Init"] = False  # the relay is pid 1: it reaps, forwards signals, and is non-dumpable
-    host["Tmpfs"] = {**host["Tmpfs"], RELAY_DIR: f"rw,noexec,nosuid,nodev,size=4m,uid={uid},gid={gid},mode=0700"}
-    body["Env"] = [e for e in body["Env"] if not e.startswith(_IPC_ONLY_ENV)]
+    relay_dir = ScratchDir(RELAY_DIR, RELAY_DIR_SIZE, private=True)
+    host["Tmpfs"] = {**host["Tmpfs"], RELAY_DIR: relay_dir.tmpfs_options(uid, gid)}
+    body["Env"] = [f"{k}={v}" for k, v in attach_env(policy).items()]
     body.update(AttachStdin=True, AttachStdout=True, AttachStderr=True, OpenStdin=True, StdinOnce=False, Tty=False)
     return body
 
