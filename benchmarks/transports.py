@@ -9,7 +9,9 @@ ratios can be compared.
 
 The remote engine runs on this host, in its own mount and network namespaces, reached through a loopback
 byte relay (a small Python process): its figures are TLS plus that relay plus the attach transport, not a
-network's latency.
+network's latency. ``remote_ssh`` reaches the same engine through an sshd on loopback whose sessions run
+``docker system dial-stdio`` (tests/remote/sshd.py): each Engine API call is an ssh session (multiplexed)
+and a docker CLI on the far side; the execute path is the attach stream, one long-lived such connection.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any], str]] = [
     ("attach_runc", "attach / runc", {"transport": "attach"}, "attach"),
     ("attach_runsc", "attach / runsc (gVisor)", {"runtime": "runsc"}, "attach"),
     ("remote_tls", "attach / runc, remote engine over TCP+TLS", {}, "attach"),
+    ("remote_ssh", "attach / runc, the same engine over ssh:// (docker system dial-stdio)", {}, "attach"),
 ]
 
 Log = Callable[[str], None]
@@ -167,9 +170,21 @@ def _start_remote(log: Log) -> Any:
     return remote.start(image)
 
 
-def _stop_remote(engine: Any) -> list[str]:
-    from tests.remote import engine as remote
+def _start_sshd(engine: Any) -> Any:
+    from tests.remote import sshd
 
+    return sshd.start(engine, Path(tempfile.mkdtemp(prefix="kx-bench-sshd-")) / "d")
+
+
+def _stop_remote(engine: Any, front: Any) -> list[str]:
+    import shutil
+
+    from tests.remote import engine as remote
+    from tests.remote import sshd
+
+    if front is not None:
+        sshd.stop(front)
+        shutil.rmtree(front.dir.parent, ignore_errors=True)
     return list(remote.stop(engine))
 
 
@@ -184,24 +199,34 @@ async def run(n: int, cold: int, log: Log) -> dict[str, Any]:
     if not await _runsc_registered():
         skipped["attach_runsc"] = ("runsc is not registered with the engine (scripts/setup.sh installs Debian's "
                                    "runsc and registers it)")
-    engine = None
+    engine = front = None
     if os.geteuid() != 0:
-        skipped["remote_tls"] = "the remote test engine needs root (its own dockerd in its own namespaces)"
+        skipped["remote_tls"] = skipped["remote_ssh"] = ("the remote test engine needs root (its own dockerd in "
+                                                         "its own namespaces)")
     else:
         try:
             engine = await asyncio.to_thread(_start_remote, log)
         except Exception as e:  # said in the report; the other configurations still run
-            skipped["remote_tls"] = f"the remote test engine did not start: {type(e).__name__}: {e}"
+            skipped["remote_tls"] = skipped["remote_ssh"] = (f"the remote test engine did not start: "
+                                                             f"{type(e).__name__}: {e}")
             log(skipped["remote_tls"])
+    if engine is not None:
+        try:
+            front = await asyncio.to_thread(_start_sshd, engine)
+        except Exception as e:  # no sshd here (scripts/setup.sh installs it): the others still run
+            skipped["remote_ssh"] = f"the test sshd did not start: {type(e).__name__}: {e}"
+            log(skipped["remote_ssh"])
     try:
         if engine is not None:
             envs["remote_tls"] = dict(engine.env)
             out["remote_engine"] = engine.endpoint.describe()
+        if front is not None:
+            envs["remote_ssh"] = dict(front.env)
         async with workers({k: c for k, c in configs.items() if k not in skipped}, envs) as ws:
             await interleave(ws, n, cold, log)
     finally:
         if engine is not None:
-            left = await asyncio.to_thread(_stop_remote, engine)
+            left = await asyncio.to_thread(_stop_remote, engine, front)
             if left:
                 out["remote_left"] = left  # a leak of kernelexec's; the report shows it
                 log(f"transports: left on the remote engine (removed now): {left}")

@@ -103,6 +103,13 @@ async def _daemon() -> list[Finding]:
                            "certificate, anyone on the path can read or drive it",
                            "serve the engine with --tlsverify and connect with DOCKER_TLS_VERIFY=1 and client "
                            "certificates (or a Docker context that has them)"))
+    elif endpoint.scheme == "ssh":
+        out.append(Finding("info", "daemon", "engine connection",
+                           f"the engine is reached over ssh at {endpoint.describe()}: ssh encrypts and "
+                           "authenticates the connection, and whoever can log in there as that user drives the "
+                           "engine; its socket permissions and dockerd flags are not visible from here",
+                           "audit that host too, and keep the ssh login to a key (ssh-agent), with a known host "
+                           "key"))
     else:
         out.append(Finding("info", "daemon", "engine connection",
                            f"the engine is reached at {endpoint.describe()}; its host's socket permissions "

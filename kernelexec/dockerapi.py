@@ -1,4 +1,4 @@
-"""A small asyncio client for the Docker Engine API, over a unix socket or TCP (with TLS).
+"""A small asyncio client for the Docker Engine API, over a unix socket, TCP (with TLS) or ssh.
 
 kernelexec's only way to the engine: sessions, pools, gc and image builds alike.
 Why not the docker SDK: it blocks, so every call needs a worker thread, and
@@ -11,7 +11,8 @@ progress (a build's, an import's), can be cancelled at any await, and needs
 no thread. Blocking code (image builds) runs it on the package's loop thread
 (:mod:`kernelexec._loop`). Which engine, and how to reach it,
 is :mod:`kernelexec.engine`'s concern (the docker CLI's rules); what needs the
-engine on this host (bind-mounted sockets) asks ``Endpoint.is_local``.
+engine on this host (bind-mounted sockets) asks ``Endpoint.is_local``. An ssh:// engine's connections are
+ssh subprocesses (:mod:`kernelexec.sshconn`); :meth:`DockerAPI.close` ends the ssh master they share.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from urllib.parse import quote, urlencode
 
 from .engine import Endpoint, default_endpoint
 from .errors import DockerUnavailable, SandboxError
+from .sshconn import SshDialer, SshStream
 
 __all__ = ["Conflict", "DockerAPI", "DockerAPIError", "NotFound", "Stalled", "api", "close_stream", "file_chunks",
            "socket_path"]
@@ -90,7 +92,14 @@ class DockerAPI:
         self.endpoint = endpoint or default_endpoint()
         self.endpoint.require_supported()
         self._ssl = self.endpoint.ssl_context()
+        self._ssh = SshDialer(self.endpoint) if self.endpoint.scheme == "ssh" else None
         self._version: str | None = None
+
+    def close(self) -> None:
+        """Release what outlives a request: for an ssh:// engine, the ssh master (connections made later
+        start a new one). Nothing to do for the other engines, whose connections end with each request."""
+        if self._ssh is not None:
+            self._ssh.close()
 
     @property
     def path(self) -> str:
@@ -102,6 +111,8 @@ class DockerAPI:
         try:
             if ep.scheme == "unix":
                 return await asyncio.open_unix_connection(ep.address, limit=_HEADER_LIMIT)
+            if self._ssh is not None:
+                return await self._ssh.connect(_HEADER_LIMIT)
             return await asyncio.wait_for(
                 asyncio.open_connection(ep.host, ep.port, limit=_HEADER_LIMIT, ssl=self._ssl,
                                         server_hostname=ep.host if self._ssl else None),
@@ -154,6 +165,8 @@ class DockerAPI:
             await writer.drain()
             status_line = await reader.readline()
             parts = status_line.split(None, 2)
+            if not status_line and isinstance(writer, SshStream) and (failed := await writer.failure()):
+                raise failed
             if len(parts) < 2 or not parts[1].isdigit():
                 raise SandboxError(f"the Docker engine sent a malformed response: {status_line[:100]!r}")
             headers: dict[str, str] = {}
@@ -165,6 +178,9 @@ class DockerAPI:
                 headers[k.strip().lower()] = v.strip()
             return int(parts[1]), headers, reader, writer
         except (ssl.SSLError, ConnectionError) as e:
+            if isinstance(writer, SshStream) and (failed := await writer.failure()):
+                await close_stream(writer)
+                raise failed from e
             await close_stream(writer)
             hint = (" A TLS engine that wants a client certificate closes the connection like this: check "
                     "cert.pem and key.pem") if self._ssl else ""

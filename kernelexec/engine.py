@@ -19,6 +19,11 @@ cases a ``ca.pem`` is the only trusted root (the CLI builds a pool of that CA al
 system's roots are used.
 
 The config directory is ``DOCKER_CONFIG`` or ``~/.docker``.
+
+``ssh://[USER@]HOST[:PORT]`` engines (from ``DOCKER_HOST`` or a context) are reached as the CLI reaches
+them: OpenSSH's ``ssh`` runs ``docker system dial-stdio`` on the far side and carries the API's bytes (see
+:mod:`kernelexec.sshconn`). TLS settings do not apply to them (the CLI ignores them too); ssh's own
+configuration, agent and known hosts do, plus ``KERNELEXEC_SSH_OPTS`` (:data:`SSH_OPTS_ENV`).
 """
 
 from __future__ import annotations
@@ -26,22 +31,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
+import shutil
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from .errors import DockerUnavailable
 
-__all__ = ["DEFAULT_UNIX_SOCKET", "Endpoint", "EndpointError", "default_endpoint", "resolve_endpoint"]
+__all__ = ["DEFAULT_UNIX_SOCKET", "SSH_OPTS_ENV", "Endpoint", "EndpointError", "default_endpoint",
+           "resolve_endpoint"]
 
 DEFAULT_UNIX_SOCKET = "/var/run/docker.sock"
 DEFAULT_TLS_HOST = "tcp://localhost:2376"  # the CLI's default when TLS is on and no host is given
 DEFAULT_TCP_PORT = 2375  # the CLI fills in this port for tcp://HOST, with or without TLS
 
 Scheme = Literal["unix", "tcp", "ssh"]
+#: Extra options for ``ssh`` (shell words, e.g. ``-F ~/kx_ssh_config`` or ``-i KEY -o UserKnownHostsFile=F``),
+#: put before kernelexec's own: ssh keeps the first value of each option, so these win.
+SSH_OPTS_ENV = "KERNELEXEC_SSH_OPTS"
 
 
 class EndpointError(DockerUnavailable):
@@ -66,6 +77,8 @@ class Endpoint:
     key: str | None = None
     verify: bool = True
     source: str = "default"
+    #: ssh only: extra ``ssh`` arguments (from ``KERNELEXEC_SSH_OPTS`` when resolved from the environment).
+    ssh_options: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -82,17 +95,30 @@ class Endpoint:
 
     @property
     def host(self) -> str:
-        """The host name or IP of a tcp endpoint (no brackets): what the server certificate must name."""
+        """The host name or IP (no brackets): what a tcp server's certificate must name, what ssh connects to."""
+        if self.scheme == "ssh":
+            return urlsplit(self.url).hostname or ""
         host, _, _ = self.address.rpartition(":")
         return host[1:-1] if host.startswith("[") else host
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | None:
+        """The TCP port; for ssh, ``None`` when the URL names none (ssh's configuration decides, as for the CLI)."""
+        if self.scheme == "ssh":
+            return urlsplit(self.url).port
         return int(self.address.rpartition(":")[2])
+
+    @property
+    def user(self) -> str | None:
+        """ssh only: the login name of the URL; ``None`` lets ssh's configuration decide."""
+        return urlsplit(self.url).username if self.scheme == "ssh" else None
 
     def describe(self) -> str:
         """One line for doctor, errors and logs."""
-        if self.scheme != "tcp":
+        if self.scheme == "ssh":
+            how = ", ssh to `docker system dial-stdio`" + (
+                f", ssh options {shlex.join(self.ssh_options)}" if self.ssh_options else "")
+        elif self.scheme != "tcp":
             how = ""
         elif not self.tls:
             how = ", no TLS"
@@ -130,12 +156,11 @@ class Endpoint:
         return ctx
 
     def require_supported(self) -> None:
-        """Refuse, before any connection, what kernelexec cannot talk to yet."""
-        if self.scheme == "ssh":
+        """Refuse, before any connection, what cannot work here: an ssh:// engine without an ssh client."""
+        if self.scheme == "ssh" and shutil.which("ssh") is None:
             raise EndpointError(
-                f"the Docker engine is at {self.describe()}: ssh:// engines are not supported yet. Forward "
-                "the engine's socket yourself (`ssh -NL /tmp/docker.sock:/var/run/docker.sock HOST`, then "
-                "DOCKER_HOST=unix:///tmp/docker.sock) or expose it over TCP with TLS")
+                f"the Docker engine is at {self.describe()}, which needs OpenSSH's `ssh` on PATH: install it "
+                "(Debian: apt-get install openssh-client)")
 
 
 def config_dir(env: Mapping[str, str] | None = None) -> Path:
@@ -155,11 +180,17 @@ def resolve_endpoint(env: Mapping[str, str] | None = None, docker_config_dir: st
     env = os.environ if env is None else env
     cfg = Path(docker_config_dir) if docker_config_dir is not None else config_dir(env)
     if env.get("DOCKER_HOST"):
-        return _from_env(env, cfg, "DOCKER_HOST")
-    name = env.get("DOCKER_CONTEXT") or _current_context(cfg)
-    if name and name != "default":
-        return _from_context(name, cfg)
-    return _from_env(env, cfg, "default")
+        found = _from_env(env, cfg, "DOCKER_HOST")
+    else:
+        name = env.get("DOCKER_CONTEXT") or _current_context(cfg)
+        found = _from_context(name, cfg) if name and name != "default" else _from_env(env, cfg, "default")
+    if found.scheme != "ssh" or not env.get(SSH_OPTS_ENV, "").strip():
+        return found
+    try:
+        options = tuple(shlex.split(env[SSH_OPTS_ENV]))
+    except ValueError as e:
+        raise EndpointError(f"{SSH_OPTS_ENV} is not valid shell words ({e}): {env[SSH_OPTS_ENV]!r}") from e
+    return replace(found, ssh_options=options)
 
 
 def default_endpoint() -> Endpoint:
@@ -238,10 +269,7 @@ def _parse_host(host: str, source: str) -> tuple[Scheme, str]:
     if scheme == "unix":
         return "unix", rest or DEFAULT_UNIX_SOCKET
     if scheme == "ssh":
-        parts = urlsplit(raw)
-        if not parts.hostname:
-            raise EndpointError(f"the Docker host {where} names no host")
-        return "ssh", parts.netloc
+        return "ssh", _ssh_address(raw, where)
     if scheme != "tcp":
         raise EndpointError(f"the Docker host {where} has an unsupported scheme {scheme!r}: use unix://PATH, "
                             "tcp://HOST:PORT or ssh://USER@HOST")
@@ -254,3 +282,23 @@ def _parse_host(host: str, source: str) -> tuple[Scheme, str]:
         raise EndpointError(f"the Docker host {where} has an invalid port") from e
     name = parts.hostname or "localhost"
     return "tcp", (f"[{name}]" if ":" in name else name) + f":{port}"
+
+
+def _ssh_address(raw: str, where: str) -> str:
+    """``[user@]host[:port]`` of an ssh URL, refused where the CLI refuses it (a password, a path)."""
+    parts = urlsplit(raw)
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise EndpointError(f"the Docker host {where} has an invalid port") from e
+    if not parts.hostname:
+        raise EndpointError(f"the Docker host {where} names no host")
+    if parts.password is not None:
+        raise EndpointError(f"the Docker host {where} has a password: ssh:// takes none (use a key or ssh-agent)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise EndpointError(f"the Docker host {where} has a path; kernelexec takes ssh://[USER@]HOST[:PORT] "
+                            "(the far side's docker CLI finds its engine)")
+    if parts.hostname.startswith("-") or (parts.username or "").startswith("-"):
+        raise EndpointError(f"the Docker host {where} starts a name with '-', which ssh would read as an option")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return (f"{parts.username}@" if parts.username else "") + host + (f":{port}" if port is not None else "")

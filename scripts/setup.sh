@@ -3,7 +3,9 @@
 #   1. a running Docker engine (installs Debian's docker.io and starts dockerd when none answers),
 #   2. gVisor (Debian's runsc) registered with the engine as runtime "runsc",
 #   3. a virtualenv in .venv with kernelexec and its test extras,
-#   4. the kernel image (offline path when no registry is reachable).
+#   4. the kernel image (offline path when no registry is reachable),
+#   5. OpenSSH (client and server binaries) for the ssh:// engine tests; the system sshd is NOT enabled or
+#      started: the tests run their own `sshd -D -f CONFIG` on a loopback port.
 # Each step is skipped when already done. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +74,27 @@ if [ -n "$runsc_changed" ] || ! runsc_registered; then
 fi
 log "gVisor: runtime runsc registered ($(runsc --version | head -1))"
 log "Docker engine: $(docker version --format '{{.Server.Version}}' 2>/dev/null)"
+
+# OpenSSH for ssh:// engines: the client kernelexec runs, the server the tests start on loopback. A policy-rc.d
+# (only while installing, only if none exists) keeps the package from starting the system sshd; on systemd
+# hosts the unit the package enabled is disabled again: nothing listens on port 22 because of this script.
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1; then
+  log "installing OpenSSH (client and server binaries; the system sshd stays off)"
+  policy_made=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod 755 /usr/sbin/policy-rc.d
+    policy_made=1
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null || true
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-client openssh-server >/dev/null || {
+    [ -z "$policy_made" ] || $SUDO rm -f /usr/sbin/policy-rc.d; exit 1; }
+  [ -z "$policy_made" ] || $SUDO rm -f /usr/sbin/policy-rc.d
+  if [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+  fi
+fi
+log "OpenSSH: $(ssh -V 2>&1)"
 
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"

@@ -41,7 +41,9 @@ def _sdk_client(ep: Endpoint) -> Any:
     if ep.tls:
         tls = TLSConfig(client_cert=(ep.cert, ep.key) if ep.cert and ep.key else None,
                         ca_cert=ep.ca if ep.verify else None, verify=ep.verify)
-    c = docker.DockerClient(base_url=ep.url, tls=tls, timeout=120, version=str(version))
+    # ssh://: docker-py runs `ssh ... docker system dial-stdio` from PATH, as the CLI does (no paramiko)
+    c = docker.DockerClient(base_url=ep.url, tls=tls, timeout=120, version=str(version),
+                            use_ssh_client=ep.scheme == "ssh")
     # requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE replace the engine's CA on every request, and would
     # send engine calls through HTTP(S)_PROXY: neither is the engine's
     c.api.trust_env = False

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from . import engine as remote
+from . import sshd
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +22,11 @@ def remote_engine(kernel_image) -> Iterator[remote.RemoteEngine]:
     finally:
         left = remote.stop(engine)
     assert not left, f"the tests left these on the remote engine: {left}"
+
+
+@pytest.fixture(scope="session")
+def ssh_front(remote_engine, tmp_path_factory) -> Iterator[sshd.Sshd]:
+    """An sshd on loopback whose sessions run ``docker system dial-stdio`` against the remote engine;
+    ``.env`` has DOCKER_HOST=ssh://... and KERNELEXEC_SSH_OPTS (the test key and known hosts)."""
+    with sshd.running(remote_engine, tmp_path_factory.mktemp("sshd") / "d") as front:
+        yield front

@@ -46,6 +46,15 @@ async def run(docker: DockerAPI, body: dict[str, Any]) -> tuple[int, bytes, byte
         await docker.remove_container(cid)
 
 
+async def read_stdout(reader: asyncio.StreamReader, into: bytearray, n: int) -> None:
+    """Read an attach stream's frames into ``into`` until it holds ``n`` bytes; all must be stdout."""
+    while len(into) < n:
+        kind, size = struct.unpack(">BxxxL", await reader.readexactly(8))
+        chunk = await reader.readexactly(size)
+        assert kind == 1, chunk
+        into.extend(chunk)
+
+
 # -- the engine shares no filesystem with us ------------------------------------------------------
 
 def test_engine_runs_in_a_mount_namespace_of_its_own(remote_engine):
@@ -168,15 +177,7 @@ def test_attach_stream_round_trip_over_tls(remote_engine, kernel_image):
             try:
                 await docker.start(cid)
                 received = bytearray()
-
-                async def read_all() -> None:
-                    while len(received) < len(sent):
-                        kind, size = struct.unpack(">BxxxL", await reader.readexactly(8))
-                        chunk = await reader.readexactly(size)
-                        assert kind == 1, chunk
-                        received.extend(chunk)
-
-                reading = asyncio.ensure_future(read_all())
+                reading = asyncio.ensure_future(read_stdout(reader, received, len(sent)))
                 for i in range(0, len(sent), 16384):
                     writer.write(sent[i:i + 16384])
                     await writer.drain()

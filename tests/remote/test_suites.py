@@ -21,7 +21,8 @@ from .. import suites
 from . import engine as remote
 
 #: The engine matrix adds 13-18 minutes on this 2-core machine: it runs with one documented command
-#: (`KERNELEXEC_ENGINE_MATRIX=1 .venv/bin/python -m pytest tests/test_suites.py tests/remote/test_suites.py`),
+#: (`KERNELEXEC_ENGINE_MATRIX=1 .venv/bin/python -m pytest tests/test_suites.py tests/remote/test_suites.py`;
+#: the ssh run adds its own time: every API call there is one ssh session and a docker CLI on the far side),
 #: its last results in docs/engines.md, until CI time allows it in the default run.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("KERNELEXEC_ENGINE_MATRIX"),
                                                    reason="the engine matrix runs with KERNELEXEC_ENGINE_MATRIX=1")]
@@ -77,7 +78,10 @@ def _containers_created(engine: remote.RemoteEngine, since: float) -> list[str]:
 def test_core_suites_pass_on_the_remote_tls_engine(remote_engine, kernel_image, tmp_path):
     # test_image_without_kernel_fails_to_start_clearly starts the base image, which has no kernel
     remote.copy_image(BASE_TAG, remote_engine)
-    suite = remote_suite({**remote_engine.env, "KERNELEXEC_TEST_IMAGE": kernel_image})
+    run_on(remote_suite({**remote_engine.env, "KERNELEXEC_TEST_IMAGE": kernel_image}), remote_engine, tmp_path)
+
+
+def run_on(suite: suites.Suite, remote_engine: remote.RemoteEngine, tmp_path) -> None:
     since = time.time() - 1
     out = suites.run(suite, tmp_path)
     suites.check(suite, out)
@@ -87,3 +91,13 @@ def test_core_suites_pass_on_the_remote_tls_engine(remote_engine, kernel_image, 
     api = remote_engine.api()
     assert run_blocking(api.call("GET", "/containers/json", params={"all": "true"}, what="list")) == []
     assert (run_blocking(api.call("GET", "/volumes", what="volumes")).get("Volumes") or []) == []
+
+
+@pytest.mark.timeout(2400)
+def test_core_suites_pass_on_an_ssh_engine(ssh_front, remote_engine, kernel_image, tmp_path):
+    """The same suites and acceptance items through ssh: DOCKER_HOST=ssh://root@127.0.0.1:PORT in front of the
+    remote engine. kernelexec takes the test key and known hosts from KERNELEXEC_SSH_OPTS; the tests' own
+    docker-py client runs `ssh` from PATH, which the wrapper gives the same config (a user's ~/.ssh/config)."""
+    remote.copy_image(BASE_TAG, remote_engine)
+    env = {**ssh_front.env, "PATH": ssh_front.wrapper_path, "KERNELEXEC_TEST_IMAGE": kernel_image}
+    run_on(suites.Suite(env=env, **{**_SUITE, "name": "ssh"}), remote_engine, tmp_path)
