@@ -26,6 +26,7 @@ from typing import IO, Any
 from urllib.parse import quote, urlencode
 
 from .engine import Endpoint, default_endpoint
+from .enginekind import EngineKind, classify
 from .errors import DockerUnavailable, SandboxError
 
 __all__ = ["Conflict", "DockerAPI", "DockerAPIError", "NotFound", "Stalled", "api", "close_stream", "file_chunks",
@@ -91,6 +92,7 @@ class DockerAPI:
         self.endpoint.require_supported()
         self._ssl = self.endpoint.ssl_context()
         self._version: str | None = None
+        self._kind: EngineKind | None = None
 
     @property
     def path(self) -> str:
@@ -318,6 +320,22 @@ class DockerAPI:
                                     f"{MIN_API[0]}.{MIN_API[1]} (Docker 20.10) or newer")
         self._version = str(info["ApiVersion"])
         return dict(info)
+
+    @property
+    def known_kind(self) -> EngineKind | None:
+        """:meth:`engine_kind`'s answer if it was asked already (no engine call)."""
+        return self._kind
+
+    async def engine_kind(self) -> EngineKind:
+        """Docker or Podman, rootless or not (see :mod:`kernelexec.enginekind`); asked once per client."""
+        if self._kind is None:
+            version = await self.version()
+            info = await self.call("GET", "/info", what="engine info")
+            libpod = None
+            if classify(version, info).is_podman:  # rootless is only in Podman's own API
+                libpod = await self.call("GET", "/libpod/info", what="Podman engine info")
+            self._kind = classify(version, info, libpod)
+        return self._kind
 
     async def create_volume(self, name: str, driver_opts: dict[str, str], labels: dict[str, str]) -> str:
         v = await self.call("POST", "/volumes/create", body={"Name": name, "Driver": "local",
