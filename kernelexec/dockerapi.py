@@ -355,8 +355,17 @@ class DockerAPI:
         await self.call("POST", f"/containers/{cid}/start", what="start container")
 
     async def remove_container(self, cid: str) -> None:
-        await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "v": "false"},
-                        what="remove container")
+        for attempt in range(3):
+            try:
+                await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "v": "false"},
+                                what="remove container")
+                return
+            except DockerAPIError as e:
+                # Podman refuses a forced remove that races the container's own exit ("container state
+                # improper: stopped"); a moment later the container has stopped and the remove goes through
+                if attempt == 2 or e.status != 500 or "state improper" not in e.explanation:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def inspect(self, cid: str) -> dict[str, Any]:
         return dict(await self.call("GET", f"/containers/{cid}/json", what="inspect container"))

@@ -176,10 +176,15 @@ class AttachSandbox(DockerSandbox):
 
     async def death(self, wait: float = 2.0, cause: str | None = None) -> KernelDied:
         """As every sandbox's, and on an engine that cannot re-attach, says that the state is lost."""
+        died = await super().death(wait, cause)
         kind = api().known_kind
-        if kind is not None and not engines.can_reattach(kind) and cause is not None:
-            cause = f"{engines.reattach_refusal(kind)} ({cause})"
-        return await super().death(wait, cause)
+        channels = self._channels
+        lost_stream = isinstance(channels, AttachChannels) and channels.kernel_exit is None and not died.oom_killed
+        if kind is None or engines.can_reattach(kind) or not lost_stream:
+            return died
+        # the stream went, not the kernel: on Podman the relay then sees its stdin end and ends the sandbox
+        return type(died)(f"{engines.reattach_refusal(kind)} (the container: {died.reason})",
+                          exit_code=died.exit_code, oom_killed=died.oom_killed)
 
     async def reattach(self, timeout: float = 10.0) -> int:
         """Continue on a new attach connection; see :meth:`AttachChannels.reattach`."""
