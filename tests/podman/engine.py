@@ -211,9 +211,16 @@ def stop(engine: PodmanEngine) -> list[str]:
 
 
 def _remove_user(user: str, runtime_dir: Path) -> None:
-    pause = runtime_dir / "libpod" / "tmp" / "pause.pid"
-    with contextlib.suppress(OSError, ValueError):
-        os.kill(int(pause.read_text().strip()), signal.SIGKILL)  # the user's namespace holder, started by us
+    # rootless podman re-executes itself inside the user's namespace (the service we started may live on
+    # in that child) and leaves a pause process holding the namespace: every process of this user, made
+    # for the run, was started by this harness; each is killed by its pid
+    uid = pwd.getpwnam(user).pw_uid
+    for pid in _processes_of(uid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _running(uid) and time.monotonic() < deadline:  # userdel refuses a user with live processes
+        time.sleep(0.1)
     shutil.rmtree(runtime_dir, ignore_errors=True)
     subprocess.run(["userdel", "--remove", user], capture_output=True, check=False)
     for table in ("/etc/subuid", "/etc/subgid"):  # older userdel leaves the subordinate ranges
@@ -222,6 +229,26 @@ def _remove_user(user: str, runtime_dir: Path) -> None:
         kept = [line for line in lines if not line.startswith(f"{user}:")]
         if kept != lines:
             path.write_text("".join(kept))
+
+
+def _processes_of(uid: int) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if proc.stat().st_uid == uid:
+                    out.append(int(proc.name))
+    return out
+
+
+def _running(uid: int) -> bool:
+    """A process of ``uid`` that is not a zombie (a zombie waits for its parent, not for us)."""
+    for pid in _processes_of(uid):
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                return True
+    return False
 
 
 async def _remove_everything(api: DockerAPI) -> list[str]:
