@@ -191,7 +191,9 @@ def stop(engine: PodmanEngine) -> list[str]:
         with contextlib.suppress(SandboxError):
             left = run_blocking(_remove_everything(engine.api()))
         if engine.loaded_image:
-            subprocess.run(engine.podman("rmi", "-f", engine.loaded_image), capture_output=True, check=False)
+            rmi = subprocess.run(engine.podman("rmi", "-f", engine.loaded_image), capture_output=True, check=False)
+            if rmi.returncode:  # reported as left: the rootful store is the host's
+                left.append(f"image {engine.loaded_image} ({rmi.stderr.decode(errors='replace').strip()})")
         engine.process.send_signal(signal.SIGTERM)
         try:
             engine.process.wait(STOP_TIMEOUT)
