@@ -120,8 +120,18 @@ async def _daemon() -> list[Finding]:
                            "--tlsverify: anyone who reaches that port controls the host",
                            "remove the tcp:// host or add --tlsverify with client certificates"))
     opts = " ".join(info.get("SecurityOptions") or [])
-    if "name=rootless" in opts:
-        out.append(Finding("info", "daemon", "rootless", "the engine runs rootless", "none"))
+    kind = await api().engine_kind()
+    out.append(Finding("info", "daemon", "engine", f"{kind.describe()}, default runtime {kind.default_runtime}",
+                       "none"))
+    if kind.is_podman and kind.rootless and kind.cgroup_version == "1":
+        out.append(Finding("high", "daemon", "resource limits",
+                           f"{kind.describe()}: rootless Podman on cgroup v1 drops memory, CPU and pids limits "
+                           "(kernelexec refuses to start sessions there)",
+                           "use cgroup v2 with the cpu, memory and pids controllers delegated to the user, or "
+                           "rootful Podman"))
+    if kind.rootless:
+        out.append(Finding("info", "daemon", "rootless", f"the engine runs rootless ({kind.kind}): a container "
+                           "escape lands as an unprivileged host user", "none"))
     elif "name=userns" in opts:
         out.append(Finding("info", "daemon", "user namespaces", "userns-remap is on: container uids map to "
                            "unprivileged host uids", "none"))
@@ -129,11 +139,12 @@ async def _daemon() -> list[Finding]:
         out.append(Finding("medium", "daemon", "user namespaces",
                            "no userns-remap and not rootless: a container escape lands as a real host uid "
                            "(kernelexec never runs the kernel as root, which limits this)",
-                           'set "userns-remap": "default" in /etc/docker/daemon.json, or run rootless Docker'))
+                           "run Podman rootless (`podman system service` as an unprivileged user)" if kind.is_podman
+                           else 'set "userns-remap": "default" in /etc/docker/daemon.json, or run rootless Docker'))
     if "name=seccomp" not in opts:
         out.append(Finding("high", "daemon", "seccomp", "the engine has no seccomp support",
                            "use a kernel and engine built with seccomp"))
-    if not info.get("LiveRestoreEnabled"):
+    if not info.get("LiveRestoreEnabled") and not kind.is_podman:  # Podman has no daemon holding containers
         out.append(Finding("low", "daemon", "live-restore",
                            "live-restore is off: restarting the daemon kills every session",
                            'set "live-restore": true in /etc/docker/daemon.json'))

@@ -589,9 +589,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
     if not sessions:
         print("no kernelexec sessions")
         return EXIT_OK
+    from .container import run_blocking
     from .dockerapi import api
 
-    print(f"engine: {api().endpoint.describe()}")
+    kind = run_blocking(api().engine_kind())
+    print(f"engine: {api().endpoint.describe()}: {kind.describe()}, default runtime {kind.default_runtime}")
     rows = [["SESSION", "CONTAINER", "STATUS", "TRANSPORT", "RUNTIME", "OWNER", "HOST", "CREATED", "IMAGE"]]
     rows += [[s.session_id, s.container_id[:12], s.status, s.transport, s.runtime or "default",
               f"{s.owner_pid}{'' if s.owner_alive else ' (gone)'}", s.host, s.created, s.image] for s in sessions]
@@ -722,18 +724,8 @@ def _check_engine() -> str:
     from .container import run_blocking
     from .dockerapi import api
 
-    version = run_blocking(api().version())
-    info = run_blocking(api().call("GET", "/info", what="engine info"))
-    return f"{_engine_kind(version, info)}, API {version.get('ApiVersion', '?')}, default runtime " \
-           f"{info.get('DefaultRuntime', '?')}"
-
-
-def _engine_kind(version: dict[str, Any], info: dict[str, Any]) -> str:
-    """Docker or Podman, rootless or not, as the engine says of itself."""
-    names = " ".join(str(c.get("Name", "")) for c in version.get("Components") or [] if isinstance(c, dict))
-    kind = "Podman" if "podman" in names.lower() else "Docker"
-    rootless = "name=rootless" in " ".join(info.get("SecurityOptions") or [])
-    return f"{kind} {version.get('Version', '?')}" + (" (rootless)" if rootless else "")
+    kind = run_blocking(api().engine_kind())
+    return f"{kind.describe()}, API {kind.api_version}, default runtime {kind.default_runtime}"
 
 
 def _check_socket_root() -> str:

@@ -184,14 +184,19 @@ class DockerSandbox(BaseSandbox):
 
     async def _create_container(self, labels: dict[str, str], body_for: Callable[[str], dict[str, Any]]) -> None:
         """The volume, then the container whose create body ``body_for(volume)`` gives."""
+        from .backend import engines
+
         _register(self)
         docker = api()
+        kind = await docker.engine_kind()
+        engines.check_enforceable(kind, self.policy)
         self.volume = await docker.create_volume(
-            self.name, work_volume_options(self.policy, self.uid, self.gid),
+            self.name, engines.volume_options(kind, work_volume_options(self.policy, self.uid, self.gid)),
             {k: labels[k] for k in (LABEL, LABEL_PID, LABEL_START, LABEL_HOST)},
         )
         try:
-            self.container_id = await docker.create_container(self.name, body_for(self.volume))
+            with engines.create_body(kind, docker.endpoint, body_for(self.volume)) as body:
+                self.container_id = await docker.create_container(self.name, body)
         except DockerAPIError as e:
             if isinstance(e, NotFound) and "image" in e.explanation.lower():
                 raise ImageNotFound(

@@ -27,6 +27,7 @@ from typing import IO, Any
 from urllib.parse import quote, urlencode
 
 from .engine import Endpoint, default_endpoint
+from .enginekind import EngineKind, classify
 from .errors import DockerUnavailable, SandboxError
 from .sshconn import SshDialer, SshStream
 
@@ -94,6 +95,7 @@ class DockerAPI:
         self._ssl = self.endpoint.ssl_context()
         self._ssh = SshDialer(self.endpoint) if self.endpoint.scheme == "ssh" else None
         self._version: str | None = None
+        self._kind: EngineKind | None = None
 
     def close(self) -> None:
         """Release what outlives a request: for an ssh:// engine, the ssh master (connections made later
@@ -335,6 +337,22 @@ class DockerAPI:
         self._version = str(info["ApiVersion"])
         return dict(info)
 
+    @property
+    def known_kind(self) -> EngineKind | None:
+        """:meth:`engine_kind`'s answer if it was asked already (no engine call)."""
+        return self._kind
+
+    async def engine_kind(self) -> EngineKind:
+        """Docker or Podman, rootless or not (see :mod:`kernelexec.enginekind`); asked once per client."""
+        if self._kind is None:
+            version = await self.version()
+            info = await self.call("GET", "/info", what="engine info")
+            libpod = None
+            if classify(version, info).is_podman:  # rootless is only in Podman's own API
+                libpod = await self.call("GET", "/libpod/info", what="Podman engine info")
+            self._kind = classify(version, info, libpod)
+        return self._kind
+
     async def create_volume(self, name: str, driver_opts: dict[str, str], labels: dict[str, str]) -> str:
         v = await self.call("POST", "/volumes/create", body={"Name": name, "Driver": "local",
                                                              "DriverOpts": driver_opts, "Labels": labels},
@@ -353,8 +371,17 @@ class DockerAPI:
         await self.call("POST", f"/containers/{cid}/start", what="start container")
 
     async def remove_container(self, cid: str) -> None:
-        await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "v": "false"},
-                        what="remove container")
+        for attempt in range(3):
+            try:
+                await self.call("DELETE", f"/containers/{cid}", params={"force": "true", "v": "false"},
+                                what="remove container")
+                return
+            except DockerAPIError as e:
+                # Podman refuses a forced remove that races the container's own exit ("container state
+                # improper: stopped"); a moment later the container has stopped and the remove goes through
+                if attempt == 2 or e.status != 500 or "state improper" not in e.explanation:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     async def inspect(self, cid: str) -> dict[str, Any]:
         return dict(await self.call("GET", f"/containers/{cid}/json", what="inspect container"))

@@ -6,6 +6,7 @@
 #   4. the kernel image (offline path when no registry is reachable),
 #   5. OpenSSH (client and server binaries) for the ssh:// engine tests; the system sshd is NOT enabled or
 #      started: the tests run their own `sshd -D -f CONFIG` on a loopback port.
+#   6. Podman (Debian's) for the engine tests; its services are started by the tests themselves.
 # Each step is skipped when already done. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +73,16 @@ if [ -n "$runsc_changed" ] || ! runsc_registered; then
   for _ in $(seq 1 20); do runsc_registered && break; sleep 0.5; done
   runsc_registered || { log "the engine did not pick up runtime runsc from $DAEMON_JSON; see its log"; exit 1; }
 fi
+# Podman (its Docker-compatible API, rootful and rootless) for the engine tests (tests/podman): Debian's podman,
+# newuidmap/newgidmap for rootless user namespaces, slirp4netns and fuse-overlayfs for rootless containers.
+if ! command -v podman >/dev/null 2>&1 || ! command -v newuidmap >/dev/null 2>&1 \
+   || ! command -v slirp4netns >/dev/null 2>&1 || ! command -v fuse-overlayfs >/dev/null 2>&1; then
+  log "installing Podman (Debian's podman, uidmap, slirp4netns, fuse-overlayfs)"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman uidmap slirp4netns fuse-overlayfs >/dev/null
+fi
+log "Podman: $(podman --version 2>/dev/null)"
+
 log "gVisor: runtime runsc registered ($(runsc --version | head -1))"
 log "Docker engine: $(docker version --format '{{.Server.Version}}' 2>/dev/null)"
 

@@ -307,7 +307,7 @@ def test_doctor_passes(kernel_image):
     assert "FAIL" not in p.stdout and "SKIP" not in p.stdout and p.stdout.count("PASS") == 7
     # scripts/setup.sh registers gVisor; doctor says so, with the platform runsc runs on
     assert re.search(r"PASS  gVisor runtime \(runsc\): registered: \S*runsc --network=none; platform \w+", p.stdout)
-    assert re.search(r"PASS  engine reachable: Docker \S+, API \S+, default runtime runc", p.stdout)
+    assert re.search(r"PASS  engine reachable: Docker \S+ \(rootful, cgroup v\d \S+\), API \S+, default runtime runc", p.stdout)
     assert "PASS  transport for sessions: ipc: a local engine" in p.stdout
     assert f"PASS  kernel image present: {kernel_image}" in p.stdout
 

@@ -33,11 +33,19 @@ NO_HOST_SOCKETS = frozenset({"runsc", "kata", "kata-runtime", "io.containerd.kat
 
 def choose_transport(policy: Policy) -> tuple[str, str]:
     """The transport a session of ``policy`` uses here, and why, in words."""
+    from .._loop import run_blocking
     from ..dockerapi import api
+    from .engines import forced_transport
 
     if policy.transport != "auto":
         return policy.transport, "Policy.transport"
-    endpoint = api().endpoint
+    docker = api()
+    endpoint = docker.endpoint
+    if endpoint.is_local:  # a remote engine is attach whatever it is: no need to ask it here
+        # asked once per client: a session's prepare() has asked already, so no engine call here
+        forced = forced_transport(docker.known_kind or run_blocking(docker.engine_kind()))
+        if forced is not None:
+            return forced
     if not endpoint.is_local:
         return "attach", f"the engine is remote ({endpoint.describe()})"
     if policy.runtime in NO_HOST_SOCKETS:
@@ -78,7 +86,9 @@ class DockerBackend(Backend):
     async def prepare(self) -> None:
         """Before a start: remove what dead owners left, retry cleanups that failed."""
         from ..container import retry_failed_cleanups, startup_gc
+        from ..dockerapi import api
 
+        await api().engine_kind()  # what choose_transport() and the create body need to know
         await startup_gc()
         await retry_failed_cleanups()
 

@@ -304,6 +304,11 @@ class AttachChannels(Channels):
             await stream.close()  # tells the relay to close the code's end
         return Resync(frames_lost=lost, bytes_skipped=self._decoder.dropped)
 
+    @property
+    def kernel_exit(self) -> ChannelsClosed | None:
+        """How the relay reported the kernel's exit; ``None`` while it has not (the stream may still be lost)."""
+        return self._exited
+
     def stderr_text(self) -> str:
         """The last bytes of the container's stderr (the bootstrap's or the relay's last words)."""
         return self._stderr.decode(errors="replace").strip()

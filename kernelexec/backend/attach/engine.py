@@ -27,7 +27,7 @@ from ...container import (
     kernel_startup_source,
 )
 from ...dockerapi import DockerAPI, api, close_stream
-from ...errors import SandboxError
+from ...errors import KernelDied, SandboxError
 from ...policy import (
     EGRESS_PORT,
     KERNEL_PYTHON,
@@ -39,6 +39,7 @@ from ...policy import (
     sandbox_env,
 )
 from ...sockdir import CONNECTION_FILE
+from .. import engines
 from ..base import Channels, ChannelsClosed
 from .channels import AttachChannels
 from .framing import Limits, encode_boot
@@ -166,7 +167,24 @@ class AttachSandbox(DockerSandbox):
         self._channels, self._channels_loop = channels, asyncio.get_running_loop()
         return channels
 
-    can_reattach = True
+    @property
+    def can_reattach(self) -> bool:  # type: ignore[override]
+        """Docker resumes a lost attach; Podman does not deliver stdin to a second one
+        (:mod:`kernelexec.backend.engines`)."""
+        kind = api().known_kind
+        return kind is None or engines.can_reattach(kind)
+
+    async def death(self, wait: float = 2.0, cause: str | None = None) -> KernelDied:
+        """As every sandbox's, and on an engine that cannot re-attach, says that the state is lost."""
+        died = await super().death(wait, cause)
+        kind = api().known_kind
+        channels = self._channels
+        lost_stream = isinstance(channels, AttachChannels) and channels.kernel_exit is None and not died.oom_killed
+        if kind is None or engines.can_reattach(kind) or not lost_stream:
+            return died
+        # the stream went, not the kernel: on Podman the relay then sees its stdin end and ends the sandbox
+        return type(died)(f"{engines.reattach_refusal(kind)} (the container: {died.reason})",
+                          exit_code=died.exit_code, oom_killed=died.oom_killed)
 
     async def reattach(self, timeout: float = 10.0) -> int:
         """Continue on a new attach connection; see :meth:`AttachChannels.reattach`."""
