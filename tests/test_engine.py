@@ -78,10 +78,18 @@ def test_unsupported_hosts_are_refused_with_the_reason(tmp_path, host):
         resolve_endpoint({"DOCKER_HOST": host}, docker_config_dir=tmp_path)
 
 
-def test_ssh_is_parsed_then_refused_before_any_connection(tmp_path):
-    ep = resolve_endpoint({"DOCKER_HOST": "ssh://me@build-host"}, docker_config_dir=tmp_path)
-    with pytest.raises(DockerUnavailable, match="ssh:// engines are not supported yet"):
-        DockerAPI(ep)
+def test_ssh_is_parsed_as_the_docker_cli_does_and_never_local(tmp_path):
+    """ssh:// engines are reached through `ssh ... docker system dial-stdio` (tests/remote/test_ssh_engine.py
+    runs them); here only what the URL says, and that making a client connects to nothing."""
+    ep = resolve_endpoint({"DOCKER_HOST": "ssh://me@build-host:2222", "KERNELEXEC_SSH_OPTS": "-F /dev/null"},
+                          docker_config_dir=tmp_path)
+    assert (ep.scheme, ep.user, ep.host, ep.port, ep.is_local) == ("ssh", "me", "build-host", 2222, False)
+    assert ep.ssh_options == ("-F", "/dev/null")
+    assert resolve_endpoint({"DOCKER_HOST": "ssh://build-host"}, docker_config_dir=tmp_path).port is None
+    DockerAPI(ep)  # no connection until the first call
+    for bad in ("ssh://me:secret@build-host", "ssh://-oProxyCommand=x", "ssh://build-host/path"):
+        with pytest.raises(DockerUnavailable):
+            resolve_endpoint({"DOCKER_HOST": bad}, docker_config_dir=tmp_path)
 
 
 def test_tls_verify_from_the_environment(tmp_path):
