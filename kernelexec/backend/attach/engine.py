@@ -116,7 +116,8 @@ def boot_message(policy: Policy, key: bytes, session_id: str) -> bytes:
         "orphan_timeout": policy.orphan_timeout,
         "egress_port": EGRESS_PORT if policy.egress else 0,
     }
-    return encode_boot({"relay": _source("relay.py"), "framing": _source("framing.py"), "config": config})
+    return encode_boot({"relay": _source("relay.py"), "framing": _source("framing.py"), "zmtp": _source("zmtp.py"),
+                        "config": config})
 
 
 async def attach(api: DockerAPI, cid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

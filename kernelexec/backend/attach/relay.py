@@ -6,7 +6,7 @@ configuration) and runs it. Nothing of the host is mounted and the image needs n
 bootstrap emits nothing before the hello, so an engine that can only attach after start loses
 nothing.
 
-What the relay does, in one thread around one ``zmq.Poller``:
+What the relay does, in one thread around one ``select.poll``:
 
 * makes itself non-dumpable first, so that code in the container (same uid) cannot open
   ``/proc/1/fd/*`` to write into the stream, nor ptrace it; as pid 1 it receives no signal
@@ -15,7 +15,8 @@ What the relay does, in one thread around one ``zmq.Poller``:
   tmpfs directory, and starts the kernel in its own session (ipykernel interrupts its whole
   process group) with stdin on ``/dev/null`` and stdout/stderr on pipes: ipykernel copies
   fd-level output back to its original fd 1, which must not be the stream;
-* connects to the kernel's ipc sockets once they exist (inotify, no polling) and forwards
+* connects to the kernel's ipc sockets once they exist (inotify, no polling), speaking ZMTP
+  itself (:mod:`.zmtp`: no libzmq io thread between the kernel and the stream), and forwards
   messages both ways, framed (:mod:`.framing`); kernel output waits in a bounded queue, beyond
   which the relay stops reading the kernel (backpressure down to the kernel's IOPub);
 * forwards the kernel's own stdout/stderr on the bounded ``log`` channel;
@@ -98,9 +99,14 @@ def main(boot: dict[str, Any]) -> None:
         say(f"cannot make the relay non-dumpable (errno {ctypes.get_errno()}); refusing to run")
         os._exit(70)
 
-    framing = types.ModuleType("kernelexec_attach_framing")
-    sys.modules[framing.__name__] = framing
-    exec(compile(boot["framing"], "<kernelexec framing>", "exec"), framing.__dict__)
+    def load(name: str) -> Any:
+        module = types.ModuleType(f"kernelexec_attach_{name}")
+        sys.modules[module.__name__] = module
+        exec(compile(boot[name], f"<kernelexec {name}>", "exec"), module.__dict__)
+        return module
+
+    framing = load("framing")
+    zmtp = load("zmtp")
     cfg = boot["config"]
     limits = framing.Limits.from_dict(cfg["limits"])
     orphan_timeout = float(cfg["orphan_timeout"])
@@ -125,6 +131,7 @@ def main(boot: dict[str, Any]) -> None:
         signal.signal(handled, lambda *_: None)  # the byte on wake_w is the work; see the loop
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
+    import select
     import socket
 
     egress_port = int(cfg.get("egress_port") or 0)
@@ -148,8 +155,6 @@ def main(boot: dict[str, Any]) -> None:
     os.close(err_w)
     for fd in (out_r, err_r):
         os.set_blocking(fd, False)
-
-    import zmq
 
     # -- output to the host: one queue, written without blocking -------------------------
     os.set_blocking(1, False)
@@ -193,8 +198,6 @@ def main(boot: dict[str, Any]) -> None:
                     out[0] = memoryview(head)[n:]
                     n = 0
         return True
-
-    import select
 
     def drain_for(seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -240,29 +243,23 @@ def main(boot: dict[str, Any]) -> None:
         kill_kernel()
         os._exit(code)
 
-    # -- the kernel's sockets -------------------------------------------------------------
-    ctx = zmq.Context(io_threads=1)
-    sockets: dict[int, Any] = {}
+    # -- the kernel's sockets: ZMTP 3.0 over unix stream sockets, no libzmq in the relay ----------
     names = {framing.SHELL: "shell", framing.CONTROL: "control", framing.STDIN: "stdin", framing.IOPUB: "iopub"}
-    monitors: dict[Any, str] = {}
-    for channel, name in names.items():
-        s = ctx.socket(zmq.SUB if channel == framing.IOPUB else zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RECONNECT_IVL, 10)
-        s.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes)
-        s.setsockopt(zmq.RCVHWM, 16)
-        if channel == framing.IOPUB:
-            s.setsockopt(zmq.SUBSCRIBE, b"")
-        else:
-            # one identity on shell and stdin, as Jupyter clients have: the kernel sends an
-            # input_request on stdin to the identity its execute_request came from on shell
-            s.setsockopt(zmq.IDENTITY, b"kernelexec-relay")
-            s.setsockopt(zmq.SNDHWM, 0)  # the host bounds what it sends; never block the loop on it
-        sockets[channel] = s
-        monitors[s.get_monitor_socket(zmq.EVENT_DISCONNECTED)] = name
-    endpoints = {channel: f"{cfg['ip']}-{cfg['ports'][names[channel]]}" for channel in sockets}
-    channel_of = {s: channel for channel, s in sockets.items()}
-    held: list[tuple[int, list[bytes]]] = []  # host messages before the kernel's sockets exist
+    endpoints = {channel: f"{cfg['ip']}-{cfg['ports'][name]}" for channel, name in names.items()}
+    # one identity on shell and stdin, as Jupyter clients have: the kernel sends an input_request on
+    # stdin to the identity its execute_request came from on shell
+    hellos = {channel: zmtp.GREETING + (zmtp.ready(b"SUB") if channel == framing.IOPUB else
+                                        zmtp.ready(b"DEALER", b"kernelexec-relay"))
+              for channel in names}
+    # per channel: sock, fd, reader, out (bytes to the kernel), ready (the kernel's READY came),
+    # queued (host messages until then), retry (when to dial again), flags (polled for), stalled
+    # (decoding stopped at the output bound with bytes left in the reader)
+    peers: dict[int, dict[str, Any]] = {
+        channel: {"sock": None, "fd": -1, "reader": None, "out": bytearray(), "ready": False,
+                  "queued": [], "retry": 0.0, "flags": 0, "stalled": False}
+        for channel in names}
+    peer_of: dict[int, int] = {}  # fd -> channel
+    RETRY = 0.01
     connected = False
 
     ino = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -270,16 +267,70 @@ def main(boot: dict[str, Any]) -> None:
         os.close(ino)
         ino = -1
 
+    def dial(channel: int) -> None:
+        p = peers[channel]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(endpoints[channel])
+        except OSError:  # not listening yet, or its backlog is full: again shortly
+            sock.close()
+            p["retry"] = time.monotonic() + RETRY
+            return
+        p["sock"] = sock
+        p["fd"] = sock.fileno()
+        p["reader"] = zmtp.Reader(limits.max_frame_bytes, limits.max_frames + 9, limits.max_body_bytes + (64 << 10))
+        p["out"] = bytearray(hellos[channel])
+        p["ready"] = False
+        p["retry"] = 0.0
+        peer_of[p["fd"]] = channel
+        to_kernel(channel)
+
+    def hang_up(channel: int, now: float, why: str = "") -> None:
+        """The connection to one kernel socket ended: a violation unless the kernel's exit explains it."""
+        p = peers[channel]
+        if p["sock"] is None:
+            return
+        if p["flags"]:
+            poller.unregister(p["fd"])
+        peer_of.pop(p["fd"], None)
+        p["sock"].close()
+        p.update(sock=None, fd=-1, reader=None, out=bytearray(), ready=False, flags=0, retry=now + RETRY,
+                 stalled=False)
+        if why:
+            link({"type": "violation", "reason": f"the kernel's {names[channel]} socket broke ZMTP: {why}"})
+        else:
+            suspect.setdefault(names[channel], now + DISCONNECT_GRACE)
+
+    def to_kernel(channel: int) -> None:
+        """Write what the socket takes now; the rest waits for POLLOUT."""
+        p = peers[channel]
+        out_k = p["out"]
+        if not out_k or p["sock"] is None:
+            return
+        try:
+            n = p["sock"].send(out_k)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            hang_up(channel, time.monotonic())
+            return
+        del out_k[:n]
+
+    def send_kernel(channel: int, parts: list[bytes]) -> None:
+        p = peers[channel]
+        if not p["ready"]:
+            p["queued"].append(parts)
+            return
+        p["out"] += b"".join(zmtp.encode(parts))
+        to_kernel(channel)
+
     def try_connect() -> bool:
         nonlocal connected, ino
         if ino >= 0 and not all(os.path.exists(p) for p in endpoints.values()):
             return False
-        for channel, s in sockets.items():
-            s.connect("ipc://" + endpoints[channel])
         connected = True
-        for channel, parts in held:
-            sockets[channel].send_multipart(parts, copy=False)
-        held.clear()
+        for channel in peers:
+            dial(channel)
         if ino >= 0:
             poller.unregister(ino)
             os.close(ino)
@@ -390,28 +441,28 @@ def main(boot: dict[str, Any]) -> None:
     def net_interest() -> None:
         reading = state["queued"] < OUT_HWM
         for c in conns.values():
-            flags = (zmq.POLLIN if c["reading"] and c["credit"] > 0 and reading else 0) | (
-                zmq.POLLOUT if c["pending"] else 0)
+            flags = (select.POLLIN if c["reading"] and c["credit"] > 0 and reading else 0) | (
+                select.POLLOUT if c["pending"] else 0)
             if flags != c["flags"]:
-                poller.register(c["sock"].fileno(), flags)  # 0 unregisters
+                if flags:
+                    poller.register(c["sock"].fileno(), flags)
+                else:
+                    poller.unregister(c["sock"].fileno())
                 c["flags"] = flags
 
     # -- the loop ---------------------------------------------------------------------------
-    poller = zmq.Poller()
-    poller.register(0, zmq.POLLIN)
-    poller.register(wake_r, zmq.POLLIN)
+    poller = select.poll()
+    poller.register(0, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     pipes = {out_r: b"stdout", err_r: b"stderr"}
     for fd in pipes:
-        poller.register(fd, zmq.POLLIN)
-    for m in monitors:
-        poller.register(m, zmq.POLLIN)
+        poller.register(fd, select.POLLIN)
     if ino >= 0:
-        poller.register(ino, zmq.POLLIN)
+        poller.register(ino, select.POLLIN)
     if listener is not None:
-        poller.register(listener.fileno(), zmq.POLLIN)
+        poller.register(listener.fileno(), select.POLLIN)
     listener_fd = listener.fileno() if listener is not None else -1
     decoder = framing.Decoder(limits, framing.TO_RELAY)
-    reading_kernel = False
     writing = False
     last_rx = time.monotonic()
     suspect: dict[str, float] = {}  # a socket to the kernel disconnected: channel -> when it is a violation
@@ -466,44 +517,122 @@ def main(boot: dict[str, Any]) -> None:
         if frame.channel == framing.NET:
             from_host_net(frame.parts)
             return
-        if connected:
-            sockets[frame.channel].send_multipart(frame.parts, copy=False)
-        else:
-            held.append((frame.channel, frame.parts))
+        send_kernel(frame.channel, frame.parts)
 
-    def from_kernel(channel: int, s: Any) -> None:
-        # the poller said readable; EVENTS says whether more is waiting (cheaper than an Again per call)
-        while state["queued"] < OUT_HWM and s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            parts = s.recv_multipart(zmq.NOBLOCK)
+    def kernel_message(channel: int, parts: list[bytes]) -> None:
+        try:
+            i = parts.index(framing.DELIM, 0, 9)
+        except ValueError:
+            link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message without "
+                                                 "the <IDS|MSG> delimiter"})
+            return
+        # an idle status ends an execution (the client waits for it): it leaves at once, with what was held
+        urgent = channel != framing.IOPUB or (
+            len(parts) > i + 5 and b'"status"' in parts[i + 2] and b'"idle"' in parts[i + 5])
+        try:
+            emit(framing.encode(channel, state["seq"], parts[i:] if i else parts, limits), urgent)
+        except framing.FramingError as e:
+            link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message that breaks "
+                                                 f"the bounds: {e}"})
+
+    def from_kernel(channel: int, now: float) -> None:
+        """Decode what the kernel sent, reading more while the output queue has room."""
+        p = peers[channel]
+        reader = p["reader"]
+        p["stalled"] = False
+        while True:
             try:
-                i = parts.index(framing.DELIM, 0, 9)
-            except ValueError:
-                link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message without "
-                                                     "the <IDS|MSG> delimiter"})
+                item = reader.next()
+            except zmtp.ZmtpError as e:
+                hang_up(channel, now, str(e))
+                return
+            if item is None:
+                if state["queued"] >= OUT_HWM:
+                    p["stalled"] = True  # what the reader holds waits for room
+                    return
+                try:
+                    data = p["sock"].recv(limits.read_chunk)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    data = b""
+                if not data:
+                    hang_up(channel, now)
+                    return
+                reader.feed(data)
                 continue
-            # an idle status ends an execution (the client waits for it): it leaves at once, with what was held
-            urgent = channel != framing.IOPUB or (
-                len(parts) > i + 5 and b'"status"' in parts[i + 2] and b'"idle"' in parts[i + 5])
-            try:
-                emit(framing.encode(channel, state["seq"], parts[i:] if i else parts, limits), urgent)
-            except framing.FramingError as e:
-                link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message that breaks "
-                                                     f"the bounds: {e}"})
+            kind, value = item
+            if kind == "message":
+                if p["ready"]:
+                    kernel_message(channel, value)
+                    if state["queued"] >= OUT_HWM:
+                        p["stalled"] = True
+                        return
+                    continue
+                hang_up(channel, now, "a message before its READY")
+                return
+            if kind == "refused":
+                link({"type": "violation", "reason": f"the kernel sent on {names[channel]} {value}"})
+            elif kind == "command":
+                name, data = value
+                if name == b"READY" and not p["ready"]:
+                    try:
+                        zmtp.properties(data)
+                    except zmtp.ZmtpError as e:
+                        hang_up(channel, now, str(e))
+                        return
+                    p["ready"] = True
+                    if channel == framing.IOPUB:
+                        p["out"] += zmtp.SUBSCRIBE_ALL
+                    queued, p["queued"] = p["queued"], []
+                    for parts in queued:
+                        p["out"] += b"".join(zmtp.encode(parts))
+                    to_kernel(channel)
+                    if p["sock"] is None:
+                        return
+                elif name == b"PING":
+                    p["out"] += zmtp.pong(data)
+                    to_kernel(channel)
+                    if p["sock"] is None:
+                        return
+                elif name == b"ERROR":
+                    hang_up(channel, now, f"the kernel refused the connection: {data[1:].decode(errors='replace')}")
+                    return
+                # anything else (PONG, a command of a later ZMTP): nothing to do
 
     while True:
         now = time.monotonic()
         deadline = last_rx + orphan_timeout
         if suspect:
             deadline = min(deadline, min(suspect.values()))
-        want_kernel = connected and state["queued"] < OUT_HWM
-        if want_kernel != reading_kernel:
-            for s in sockets.values():
-                poller.register(s, zmq.POLLIN if want_kernel else 0)
-            reading_kernel = want_kernel
+        want_kernel = state["queued"] < OUT_HWM
+        if want_kernel and connected:
+            for channel, p in peers.items():
+                if p["stalled"] and p["sock"] is not None:
+                    from_kernel(channel, now)
+            want_kernel = state["queued"] < OUT_HWM
+        if connected:
+            for channel, p in peers.items():
+                if p["sock"] is None:
+                    if now >= p["retry"]:
+                        dial(channel)
+                    if p["sock"] is None:
+                        deadline = min(deadline, p["retry"])
+                        continue
+                flags = (select.POLLIN if want_kernel else 0) | (select.POLLOUT if p["out"] else 0)
+                if flags != p["flags"]:
+                    if flags:
+                        poller.register(p["fd"], flags)
+                    else:
+                        poller.unregister(p["fd"])
+                    p["flags"] = flags
         want_write = bool(out) and state["urgent"]
         if want_write != writing:
             writing = want_write
-            poller.register(1, zmq.POLLOUT if writing else 0)
+            if writing:
+                poller.register(1, select.POLLOUT)
+            else:
+                poller.unregister(1)
         if conns:
             net_interest()
         if out and not state["urgent"]:
@@ -555,9 +684,12 @@ def main(boot: dict[str, Any]) -> None:
                     poller.unregister(what)
                     os.close(what)
                     del pipes[what]
-            elif what in monitors:
-                what.recv_multipart()
-                suspect.setdefault(monitors[what], now + DISCONNECT_GRACE)
+            elif what in peer_of:
+                channel = peer_of[what]
+                if mask & select.POLLOUT:
+                    to_kernel(channel)
+                if mask & (select.POLLIN | select.POLLERR | select.POLLHUP) and peers[channel]["fd"] == what:
+                    from_kernel(channel, now)
             elif what == ino:
                 try:
                     os.read(ino, 4096)
@@ -567,19 +699,16 @@ def main(boot: dict[str, Any]) -> None:
             elif what == listener_fd:
                 accept()
             elif what in by_fd:
-                if mask & zmq.POLLOUT and by_fd[what] in conns:
+                if mask & select.POLLOUT and by_fd[what] in conns:
                     conn_write(by_fd[what])
-                if mask & (zmq.POLLIN | zmq.POLLERR) and what in by_fd:
+                if mask & (select.POLLIN | select.POLLERR | select.POLLHUP) and what in by_fd:
                     conn_readable(by_fd[what])
-            elif not isinstance(what, int):
-                from_kernel(channel_of[what], what)
             # else: stdout's POLLOUT (the flush below), or a connection dropped earlier in this round
         for name, at in list(suspect.items()):
             if now >= at:
                 reap()  # an exit explains it (and does not return)
-                link({"type": "violation", "reason": f"the kernel's {name} connection dropped while the kernel "
-                                                     "runs: it sent a message part larger than "
-                                                     f"max_message_bytes ({limits.max_frame_bytes} bytes)"})
+                link({"type": "violation", "reason": f"the kernel's {name} socket closed its connection while "
+                                                     "the kernel runs"})
                 del suspect[name]
         if out:
             if state["urgent"] or state["queued"] >= HOLD_BYTES or (state["hold"] and now >= state["hold"]):
