@@ -18,6 +18,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,7 @@ class PodmanEngine:
 def start_rootful() -> PodmanEngine:
     sock = Path(f"/run/kxtest-podman-{os.getpid()}.sock")
     log = Path(f"/run/kxtest-podman-{os.getpid()}.log")
+    sock.unlink(missing_ok=True)  # left by an earlier run (same pid) killed before its cleanup
     with open(log, "wb") as out:
         process = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"],
                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd="/",
@@ -107,17 +109,22 @@ def start_rootful() -> PodmanEngine:
 
 def start_rootless() -> PodmanEngine:
     user = f"kxpodman{os.getpid()}"
+    with contextlib.suppress(KeyError):  # made by an earlier run (same pid) killed before its cleanup
+        stale = pwd.getpwnam(user)
+        for left in (Path(f"/run/kxpodman-{stale.pw_uid}"), *Path("/run").glob(f"kxpodman-{stale.pw_uid}-*")):
+            shutil.rmtree(left, ignore_errors=True)
+        _remove_user(user, None)
     # useradd gives the user subordinate uid and gid ranges (SUB_UID_COUNT of login.defs)
     subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", user], check=True,
                    capture_output=True)
     pw = pwd.getpwnam(user)
-    runtime_dir = Path(f"/run/kxpodman-{pw.pw_uid}")
+    # a directory of its own (0700) whatever an earlier run, killed before its cleanup, left in /run
+    runtime_dir = Path(tempfile.mkdtemp(prefix=f"kxpodman-{pw.pw_uid}-", dir="/run"))
     engine: PodmanEngine | None = None
     try:
         if not any(line.startswith(f"{user}:") for line in Path("/etc/subuid").read_text().splitlines()):
             subprocess.run(["usermod", "--add-subuids", "300000-365535", "--add-subgids", "300000-365535", user],
                            check=True, capture_output=True)
-        runtime_dir.mkdir(mode=0o700)
         os.chown(runtime_dir, pw.pw_uid, pw.pw_gid)
         config = Path(pw.pw_dir) / ".config" / "containers"
         config.mkdir(parents=True)
@@ -212,7 +219,7 @@ def stop(engine: PodmanEngine) -> list[str]:
     return left
 
 
-def _remove_user(user: str, runtime_dir: Path) -> None:
+def _remove_user(user: str, runtime_dir: Path | None) -> None:
     # rootless podman re-executes itself inside the user's namespace (the service we started may live on
     # in that child) and leaves a pause process holding the namespace: every process of this user, made
     # for the run, was started by this harness; each is killed by its pid
@@ -223,7 +230,8 @@ def _remove_user(user: str, runtime_dir: Path) -> None:
     deadline = time.monotonic() + STOP_TIMEOUT
     while _running(uid) and time.monotonic() < deadline:  # userdel refuses a user with live processes
         time.sleep(0.1)
-    shutil.rmtree(runtime_dir, ignore_errors=True)
+    if runtime_dir is not None:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
     subprocess.run(["userdel", "--remove", user], capture_output=True, check=False)
     for table in ("/etc/subuid", "/etc/subgid"):  # older userdel leaves the subordinate ranges
         path = Path(table)
