@@ -209,9 +209,7 @@ async def _containers() -> list[Finding]:
         info = await api().inspect(c["Id"])
         name = info.get("Name", c["Id"][:12]).lstrip("/")
         try:
-            fields: dict[str, Any] = {k: (tuple(v) if k == "cap_add" else v)
-                                      for k, v in json.loads(info["Config"]["Labels"][LABEL_POLICY]).items()}
-            policy = Policy(**fields)
+            policy = Policy.from_json(info["Config"]["Labels"][LABEL_POLICY])
         except (KeyError, TypeError, ValueError) as e:
             out.append(Finding("high", "container", f"{name}: policy label",
                                f"the container's policy label is missing or unreadable ({e})",

@@ -337,9 +337,10 @@ class KernelClient:
             raise self._gone
         return reply.content
 
-    async def submit(self, code: str, callbacks: Callbacks) -> str:
-        """Send one execute_request; its outputs are collected from now on."""
-        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+    async def submit(self, code: str, callbacks: Callbacks, *, silent: bool = False) -> str:
+        """Send one execute_request; its outputs are collected from now on. ``silent``: not in the
+        kernel's history, its execution count or its output cache (kernelexec's own requests)."""
+        content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": False, "stop_on_error": True}
         msg_id, fut = await self.request("shell", "execute_request", content)
         self._pending[msg_id] = _Pending(Execution(code=code), self._max_out, callbacks, fut)

@@ -13,6 +13,11 @@ about a kernel (a bad argument, an engine that cannot be reached)::
     ├── PolicyViolation, ProfileError   None    a role's profile refused or is broken (profiles)
     ├── PoolExhausted, PoolClosed       None    (pool)
     ├── AuditLogError                   None    a failed audit write; the execution is attached (auditlog)
+    ├── SnapshotError                   None    a snapshot could not be made, kept or restored (snapshot)
+    │   ├── SnapshotCorrupt                     truncated, changed, not a snapshot, or a newer format
+    │   ├── SnapshotTooLarge                    over Policy.snapshot_size (or the room to stage it)
+    │   ├── RestoreError                        the new sandbox lacks a module, or refused the state
+    │   └── SessionBusy                         a paused session already resumed by another process
     └── SandboxError                            the sandbox, the engine or the kernel misbehaved
         ├── DockerUnavailable           None    the engine cannot be reached
         ├── DockerAPIError              None    the engine answered with an HTTP error, mapped once
@@ -75,6 +80,35 @@ class ProtocolError(SandboxError):
 
 class SessionClosed(KernelExecError):
     """The session was used after ``close()``."""
+
+
+class SnapshotError(KernelExecError):
+    """A snapshot could not be made, kept or restored. The session it came from is unchanged."""
+
+
+class SnapshotCorrupt(SnapshotError):
+    """The snapshot file is truncated, changed since it was written, not a snapshot, or in a format
+    newer than this kernelexec reads. Checked before any sandbox is made: nothing was restored."""
+
+
+class SnapshotTooLarge(SnapshotError):
+    """The snapshot is over ``Policy.snapshot_size``, or the sandbox had no room to stage it."""
+
+
+class RestoreError(SnapshotError):
+    """The new sandbox could not take the snapshot's state; it was removed.
+
+    ``missing`` names the modules the image lacks (restore with a policy whose image or ``packages``
+    have them); ``errors`` what else the kernel reported."""
+
+    def __init__(self, message: str, *, missing: tuple[str, ...] = (), errors: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.errors = errors
+
+
+class SessionBusy(SnapshotError):
+    """The paused session is already resumed by another process (or is being paused)."""
 
 
 class OutputLost(KernelExecError):

@@ -194,6 +194,14 @@ class Policy:
     #: mounted with egress; its pages count against the memory limit.
     site_size: int | str = "512m"
 
+    # --- snapshots, pause and resume (see kernelexec.snapshot) ---------------------
+    #: Largest snapshot (``snapshot()``, ``pause()``, ``fork()``): the pickled variables, /work and, when
+    #: asked for, /tmp and home, together. The kernel stages its pickle in /work, so it needs room there too.
+    snapshot_size: int | str = "1g"
+    #: Seconds without a call after which the session pauses itself (its state saved in the host's state
+    #: directory, its container removed, the memory freed) and resumes on the next call; None: never.
+    idle_pause: float | None = None
+
     def __post_init__(self) -> None:
         from .packages import check_requirement, flavour_requirements
 
@@ -253,6 +261,8 @@ class Policy:
             parse_egress(self.egress)
         except EgressRuleError as e:
             raise ValueError(f"Policy.egress: {e}") from None
+        if self.idle_pause is not None and (isinstance(self.idle_pause, bool) or not self.idle_pause > 0):
+            raise ValueError(f"Policy.idle_pause is seconds above 0 (or None: never), got {self.idle_pause!r}")
         for name in ("egress_max_connections", "egress_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -328,10 +338,24 @@ class Policy:
         """A stable JSON form, stored as a container label for audits."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
 
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        """The policy :meth:`to_json` wrote (lists back to tuples). Raises ValueError for anything else."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("a policy's JSON form is an object")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        fields: dict[str, Any] = {k: (tuple(v) if isinstance(defaults.get(k), tuple) and isinstance(v, list) else v)
+                  for k, v in data.items()}
+        try:
+            return cls(**fields)
+        except TypeError as e:
+            raise ValueError(f"not a policy of this kernelexec: {e}") from None
+
 
 _SIZE_FIELDS = ("memory", "tmp_size", "home_size", "shm_size", "workdir_size", "max_file_size",
                 "max_output_bytes", "max_message_bytes", "max_history_bytes", "egress_max_bytes",
-                "site_size")
+                "site_size", "snapshot_size")
 #: Docker refuses less than 6 MiB; a Python kernel needs several times that.
 MIN_MEMORY = 6 << 20
 MIN_MESSAGE = 64 << 10

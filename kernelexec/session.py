@@ -35,12 +35,17 @@ from .errors import (
     SandboxError,
     SandboxStartError,
     SessionClosed,
+    SnapshotError,
+    SnapshotTooLarge,
 )
 from .policy import WORKDIR, Policy, parse_size
 from .precheck import CodePolicy
 from .profiles import profile_policy, within
 from .protocol import new_key
 from .results import ErrorInfo, Execution, MimeBundle, Stream
+from .snapshot import ops as snapshot_ops
+from .snapshot.format import Snapshot, encode, split_work, work_for_restore
+from .snapshot.store import Claim, PausedSession
 
 if TYPE_CHECKING:  # pragma: no cover
     from .backend.fanout import ChannelHub, SharedChannels
@@ -109,6 +114,10 @@ class AsyncSession:
         self.kernel_info: dict[str, Any] = {}
         #: channel -> ZeroMQ endpoint pinned to the verified socket (``ipc:///proc/self/fd/N``)
         self.endpoints: dict[str, str] = {}
+        self._paused = False  # the state is in the state directory, no container runs
+        self._claim: Claim | None = None  # this process's hold on the session's state directory
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -133,6 +142,12 @@ class AsyncSession:
     @property
     def alive(self) -> bool:
         return self._client is not None and self._client.alive and self._dead is None
+
+    @property
+    def paused(self) -> bool:
+        """The session's state is in the host's state directory and no container runs; the next call
+        resumes it (see :meth:`pause`)."""
+        return self._paused
 
     async def __aenter__(self) -> AsyncSession:
         await self.start()
@@ -227,11 +242,15 @@ class AsyncSession:
         if self._closed:
             return
         self._closed = True
-        had = self._sandbox is not None
+        had = self._sandbox is not None or self._claim is not None
+        await self._stop_idle_timer()
         try:
             await self._teardown()
         finally:
             egress, self._egress = self._egress, None
+            claim, self._claim = self._claim, None
+            if claim is not None:  # this process owned it (resumed, or paused on idle): the session ends here
+                claim.remove()
             if egress is not None:
                 await egress.aclose()
         if had:
@@ -299,9 +318,11 @@ class AsyncSession:
             await self.start()
         assert self._lock is not None
         async with self._lock:
+            await self._resume_if_paused()
             client = self._require()
             if not client.alive:  # the transport went while idle: re-attach if the kernel lives
                 client = await self._revive(client)
+            self._arm_idle_timer()
             if self._precheck is not None:
                 refusals = self._precheck.check(code)
                 if refusals:
@@ -315,36 +336,7 @@ class AsyncSession:
             if size > limit:
                 self._log("refused", code_sha256=code_digest(code), reasons=[f"code of {size} bytes"])
                 raise CodeTooLarge(size, limit)
-            timeout = self.policy.timeout if timeout is None else timeout
-            try:
-                callbacks = Callbacks(on_stdout, on_stderr, on_result)
-                try:
-                    msg_id = await client.submit(code, callbacks)
-                except KernelGone:  # the request never reached the kernel: re-attach and send it again
-                    client = await self._revive(client)
-                    msg_id = await client.submit(code, callbacks)
-                try:
-                    ex = await client.finish(msg_id, timeout)
-                except asyncio.TimeoutError:
-                    assert timeout is not None
-                    await self._on_timeout(client, msg_id, timeout, code)
-                except asyncio.CancelledError:
-                    # the caller gave up (a cancelled agent turn, Ctrl-C): stop the code too,
-                    # so the kernel is free and its state intact for the next call
-                    await asyncio.shield(self._on_cancel(client, msg_id, code))
-                    raise
-            except (KernelGone, ProtocolError) as e:
-                lost = await self._reattach(e) if isinstance(e, KernelGone) else None
-                if lost is not None:
-                    self._log("reattached", code_sha256=code_digest(code), frames_lost=lost)
-                    raise OutputLost(lost) from e
-                died = await self._died(e)
-                self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
-                          oom_killed=died.oom_killed, lost=type(died).__name__)
-                if self.auto_restart:
-                    await self._restart_unlocked()
-                    raise died.again(restarted=True) from e
-                raise died from e
+            ex = await self._exchange(client, code, timeout, Callbacks(on_stdout, on_stderr, on_result))
             self._remember(ex)
             if self._audit is not None:
                 try:
@@ -356,6 +348,41 @@ class AsyncSession:
                     e.execution = ex
                     raise
             return ex
+
+    async def _exchange(self, client: KernelClient, code: str, timeout: float | None, callbacks: Callbacks, *,
+                        silent: bool = False) -> Execution:
+        """One execute_request and its outputs, with the session's answers to a timeout, a cancel and a
+        lost kernel; under the lock. ``silent``: kernelexec's own code (snapshots), out of the kernel's
+        history and output cache."""
+        timeout = self.policy.timeout if timeout is None else timeout
+        try:
+            try:
+                msg_id = await client.submit(code, callbacks, silent=silent)
+            except KernelGone:  # the request never reached the kernel: re-attach and send it again
+                client = await self._revive(client)
+                msg_id = await client.submit(code, callbacks, silent=silent)
+            try:
+                return await client.finish(msg_id, timeout)
+            except asyncio.TimeoutError:
+                assert timeout is not None
+                await self._on_timeout(client, msg_id, timeout, code)
+            except asyncio.CancelledError:
+                # the caller gave up (a cancelled agent turn, Ctrl-C): stop the code too,
+                # so the kernel is free and its state intact for the next call
+                await asyncio.shield(self._on_cancel(client, msg_id, code))
+                raise
+        except (KernelGone, ProtocolError) as e:
+            lost = await self._reattach(e) if isinstance(e, KernelGone) else None
+            if lost is not None:
+                self._log("reattached", code_sha256=code_digest(code), frames_lost=lost)
+                raise OutputLost(lost) from e
+            died = await self._died(e)
+            self._log("killed", code_sha256=code_digest(code), reason=died.reason, exit_code=died.exit_code,
+                      oom_killed=died.oom_killed, lost=type(died).__name__)
+            if self.auto_restart:
+                await self._restart_unlocked()
+                raise died.again(restarted=True) from e
+            raise died from e
 
     def _remember(self, ex: Execution) -> None:
         """Append to history, then drop the oldest outputs until the kept ones fit the budget."""
@@ -494,6 +521,253 @@ class AsyncSession:
                                + (" (its kernel has endpoints: connect to those)" if self.endpoints else ""))
         return self._hub.join()
 
+    # -- snapshots, fork, pause and resume (issue 16; see kernelexec.snapshot) ------------
+
+    async def snapshot(self, *, include: tuple[str, ...] = ()) -> Snapshot:
+        """The session's state as a :class:`~kernelexec.snapshot.Snapshot`: its variables (pickled inside
+        the sandbox with dill), the modules it imported, /work, and ``include``'s ``"tmp"`` and ``"home"``.
+        What could not be saved (generators, open files, threads, sockets, unpicklable objects) is in
+        ``.lost`` with the reason, and in the audit log. The session goes on unchanged."""
+        unknown = set(include) - {"tmp", "home"}
+        if unknown:
+            raise ValueError(f"include takes 'tmp' and 'home', not {sorted(unknown)}")
+        if self._lock is None:
+            await self.start()
+        assert self._lock is not None
+        async with self._lock:
+            await self._resume_if_paused()
+            self._arm_idle_timer()
+            return await self._snapshot_unlocked(tuple(sorted(set(include))))
+
+    async def _snapshot_unlocked(self, include: tuple[str, ...]) -> Snapshot:
+        client = self._require()
+        sandbox = self._sandbox
+        assert sandbox is not None
+        limit = parse_size(self.policy.snapshot_size)
+        started = time.monotonic()
+        stage = f".kernelexec-snapshot-{secrets.token_hex(6)}"
+        path = f"{WORKDIR}/{stage}"
+        ex = await self._exchange(client, snapshot_ops.call("snapshot", path, limit, list(include)), None,
+                                  Callbacks(), silent=True)
+        try:
+            variables, modules, lost = snapshot_ops.snapshot_parts(snapshot_ops.report(ex, "snapshot"))
+            try:
+                archive = await sandbox.get_archive(WORKDIR, limit + (1 << 20))
+            except SandboxError as e:
+                raise SnapshotTooLarge(f"the snapshot is over Policy.snapshot_size ({limit:,} bytes) or the engine "
+                                       f"did not give /work: {e}") from e
+        finally:
+            if self._client is client and client.alive:
+                await self._exchange(client, snapshot_ops.call("cleanup", path), None, Callbacks(), silent=True)
+        work, staged = await asyncio.to_thread(split_work, archive, stage)
+        sections = {"namespace": staged.get("namespace", b""), "work": work,
+                    **{name: staged.get(name, b"") for name in include}}
+        manifest = {"session_id": self.id, "created": time.time(), "image": sandbox.image,
+                    "kernelexec_version": _version(), "variables": list(variables), "modules": modules,
+                    "lost": [dataclasses.asdict(x) for x in lost], "packages": list(self.policy.packages),
+                    "sizes": {k: len(v) for k, v in sections.items()}}
+        data = await asyncio.to_thread(encode, manifest, sections)
+        if len(data) > limit:
+            raise SnapshotTooLarge(f"the snapshot would hold {len(data):,} bytes, over Policy.snapshot_size "
+                                   f"({limit:,}); raise it, or delete large objects or files first")
+        snap = Snapshot.from_bytes(data)
+        for item in lost:
+            log.warning("session %s: snapshot: %s (%s) not saved: %s", self.id, item.name, item.type, item.reason)
+        self._log("snapshot", bytes=len(data), variables=len(variables), modules=sorted(set(modules.values())),
+                  lost=[dataclasses.asdict(x) for x in lost], include=list(include),
+                  duration=round(time.monotonic() - started, 4))
+        return snap
+
+    async def _load(self, snap: Snapshot) -> int:
+        assert self._lock is not None
+        async with self._lock:
+            return await self._load_unlocked(snap)
+
+    async def _load_unlocked(self, snap: Snapshot) -> int:
+        """Put ``snap``'s state into this (fresh) sandbox; the number of variables restored."""
+        client = self._require()
+        sandbox = self._sandbox
+        assert sandbox is not None
+        stage = f".kernelexec-restore-{secrets.token_hex(6)}"
+        extra = {stage: snap.section("namespace"),
+                 **{f"{stage}.{name}": snap.section(name) for name in ("tmp", "home") if name in snap.offsets}}
+        tar = await asyncio.to_thread(work_for_restore, snap.section("work"), sandbox.uid, sandbox.gid, extra)
+        try:
+            await sandbox.put_archive(WORKDIR, tar)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise SnapshotError(f"the snapshot could not be put into the new sandbox: {e}") from e
+            raise SnapshotTooLarge(f"the snapshot's files and variables ({len(tar):,} bytes) do not fit in the new "
+                                   f"sandbox's /work (Policy.workdir_size={self.policy.workdir_size!r})") from e
+        ex = await self._exchange(client, snapshot_ops.call("restore", f"{WORKDIR}/{stage}", snap.modules,
+                                                            [n for n in ("tmp", "home") if n in snap.offsets]),
+                                  None, Callbacks(), silent=True)
+        count = snapshot_ops.restore_outcome(snapshot_ops.report(ex, "restore"), sandbox.image)
+        self._log("restored", from_session=snap.session_id, snapshot_created=snap.created, bytes=snap.size,
+                  variables=count, lost=[dataclasses.asdict(x) for x in snap.lost])
+        return count
+
+    @classmethod
+    async def restore(cls, snapshot: Snapshot | bytes | str | os.PathLike[str], policy: Policy | None = None, *,
+                      image: str | None = None, profile: str | None = None,
+                      profiles_file: str | os.PathLike[str] | None = None,
+                      audit_log: str | os.PathLike[str] | AuditLog | None = None, precheck: CodePolicy | None = None,
+                      auto_restart: bool = False, backend: Backend | None = None) -> AsyncSession:
+        """A new session (a fresh sandbox, made from ``policy``/``profile`` as for any session, never from
+        anything in the snapshot) holding ``snapshot``'s state. The snapshot is checked whole before a
+        sandbox is made; its pickle is opened only inside the new sandbox. Raises
+        :class:`~kernelexec.errors.RestoreError` naming the modules the image lacks."""
+        s = cls(policy, image=image, profile=profile, profiles_file=profiles_file, audit_log=audit_log,
+                precheck=precheck, auto_restart=auto_restart, backend=backend)
+        try:
+            snap = await asyncio.to_thread(_as_snapshot, snapshot, parse_size(s.policy.snapshot_size))
+            await s.start()
+            await s._load(snap)
+        except BaseException:
+            await s.close()
+            raise
+        return s
+
+    async def fork(self) -> AsyncSession:
+        """A second, independent session with this one's state (variables, /work, /tmp, home) in a new
+        sandbox with the same policy. Later changes in either do not reach the other."""
+        snap = await self.snapshot(include=("tmp", "home"))
+        child = type(self)(self.policy, image=self._image, audit_log=self._audit, precheck=self._precheck,
+                           auto_restart=self.auto_restart, backend=self.backend)
+        child.profile = self.profile
+        try:
+            await child.start()
+            await child._load(snap)
+        except BaseException:
+            await child.close()
+            raise
+        self._log("forked", into=child.id)
+        return child
+
+    async def pause(self) -> Snapshot:
+        """Save the session's state to the host's state directory and remove its container (its memory is
+        freed); returns the snapshot (see ``.lost``). Any process can then resume it by id with
+        :meth:`resume`; this object resumes it on its next call if no other process has. A paused session
+        outlives this object and its process: :meth:`close` leaves it paused; ``kernelexec gc`` expires it."""
+        if self._lock is None:
+            await self.start()
+        assert self._lock is not None
+        async with self._lock:
+            if self._closed:
+                raise SessionClosed("this session was closed; create a new one")
+            snap = await self._pause_unlocked(handoff=True)
+        return snap
+
+    async def _pause_unlocked(self, *, handoff: bool) -> Snapshot:
+        await self._resume_if_paused()
+        snap = await self._snapshot_unlocked(("home", "tmp"))
+        claim = self._claim if self._claim is not None else await asyncio.to_thread(Claim, self.id)
+        record = PausedSession(id=self.id, paused_at=time.time(), policy=self.policy.to_json(), image=self._image,
+                               profile=self.profile, size=snap.size, variables=len(snap.variables),
+                               lost=len(snap.lost))
+        try:
+            await asyncio.to_thread(claim.save, snap, record)
+        except BaseException:
+            if claim is not self._claim:
+                claim.release()
+            raise
+        await self._teardown()
+        self._paused = True
+        if handoff:
+            claim.release()  # any process may resume it now
+            self._claim = None
+        else:
+            self._claim = claim  # paused on idle: still this object's, resumed by its next call
+        self._log("paused", bytes=snap.size, variables=len(snap.variables), lost=len(snap.lost), handoff=handoff)
+        return snap
+
+    async def _resume_if_paused(self) -> None:
+        """Under the lock: make a paused session run again, from the state directory."""
+        if not self._paused:
+            return
+        if self._closed:
+            raise SessionClosed("this session was closed; create a new one")
+        claim = self._claim if self._claim is not None else await asyncio.to_thread(Claim, self.id)
+        try:
+            snap, _ = await asyncio.to_thread(claim.load, parse_size(self.policy.snapshot_size))
+            await self.start()
+            await self._load_unlocked(snap)
+        except BaseException:
+            if claim is not self._claim:
+                claim.release()
+            await self._teardown()  # still paused: the state directory is unchanged
+            raise
+        self._claim = claim
+        self._paused = False
+        self._log("resumed", paused_at=snap.created)
+
+    @classmethod
+    async def resume(cls, session_id: str, *, audit_log: str | os.PathLike[str] | AuditLog | None = None,
+                     precheck: CodePolicy | None = None, auto_restart: bool = False,
+                     backend: Backend | None = None) -> AsyncSession:
+        """The paused session ``session_id`` (``kernelexec ps`` lists them), running again in a new sandbox
+        with the policy, profile and image it had, in this process (which holds it until it is closed or
+        paused). Raises :class:`~kernelexec.errors.SessionBusy` when another process holds it."""
+        claim = await asyncio.to_thread(Claim, session_id)
+        try:
+            snap, record = await asyncio.to_thread(claim.load, None)
+            try:
+                policy = Policy.from_json(record.policy)
+            except ValueError as e:
+                raise SnapshotError(f"session {session_id}'s record holds no usable policy ({e})") from None
+            if snap.size > parse_size(policy.snapshot_size):
+                raise SnapshotTooLarge(f"session {session_id}'s snapshot is over its Policy.snapshot_size")
+            s = cls(policy, image=record.image, audit_log=audit_log, precheck=precheck, auto_restart=auto_restart,
+                    backend=backend)
+        except BaseException:
+            claim.release()
+            raise
+        s.id, s.profile, s._claim = session_id, record.profile, claim
+        try:
+            await s.start()
+            await s._load(snap)
+        except BaseException:
+            s._claim = None  # closing must not remove the paused state: the resume failed, not the session
+            claim.release()
+            await s.close()
+            raise
+        s._log("resumed", paused_at=record.paused_at)
+        return s
+
+    def _arm_idle_timer(self) -> None:
+        """(Re)start the idle clock of ``Policy.idle_pause``; called at each call that uses the kernel."""
+        if self.policy.idle_pause is None or self._closed:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer = asyncio.get_running_loop().call_later(self.policy.idle_pause, self._idle_due)
+
+    def _idle_due(self) -> None:
+        self._idle_timer = None
+        if self._idle_task is None or self._idle_task.done():
+            self._idle_task = asyncio.get_running_loop().create_task(self._idle_pause())
+
+    async def _idle_pause(self) -> None:
+        assert self._lock is not None
+        async with self._lock:
+            if self._closed or self._paused or self._sandbox is None or self._idle_timer is not None:
+                return  # closed, paused, or used again since the timer fired
+            try:
+                await self._pause_unlocked(handoff=False)
+            except (SnapshotError, SandboxError, KernelDied) as e:
+                # the session runs on, unchanged; said in the log and the audit log, retried at the next idle
+                log.warning("session %s: pausing on idle failed: %s", self.id, e)
+                self._log("pause_failed", reason=str(e)[:500])
+
+    async def _stop_idle_timer(self) -> None:
+        timer, self._idle_timer = self._idle_timer, None
+        if timer is not None:
+            timer.cancel()
+        task, self._idle_task = self._idle_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     # -- is_complete (issue 11, REPL continuation lines) ------------------------------
 
     async def complete_status(self, code: str) -> str:
@@ -548,8 +822,24 @@ class AsyncSession:
         return _untar_one(tar, path)
 
 
+def _as_snapshot(source: Snapshot | bytes | str | os.PathLike[str], max_bytes: int) -> Snapshot:
+    """A checked snapshot from what ``restore`` was given (checked again if it came as an object: it may
+    have been built by hand)."""
+    if isinstance(source, Snapshot):
+        return Snapshot.from_bytes(source.data, max_bytes=max_bytes)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Snapshot.from_bytes(bytes(source), max_bytes=max_bytes)
+    return Snapshot.load(source, max_bytes=max_bytes)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _describe(s: AsyncSession, face: str) -> str:
-    state = ("closed" if s._closed else "dead" if s._dead is not None else
+    state = ("closed" if s._closed else "paused" if s._paused else "dead" if s._dead is not None else
              "running" if s._client is not None else "not started")
     parts = [f"id={s.id}", state]
     if s.container_id:
@@ -764,6 +1054,55 @@ class Session:
 
     def download(self, src: str) -> bytes:
         return self._run(self._async.download(src))
+
+    # -- snapshots, fork, pause and resume: see AsyncSession -------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._async.paused
+
+    def snapshot(self, *, include: tuple[str, ...] = ()) -> Snapshot:
+        return self._run(self._async.snapshot(include=include))
+
+    def pause(self) -> Snapshot:
+        return self._run(self._async.pause())
+
+    def fork(self) -> Session:
+        """A second, independent session with this one's state (see :meth:`AsyncSession.fork`)."""
+        return self._made(self._async.backend, self._async.fork)
+
+    @classmethod
+    def restore(cls, snapshot: Snapshot | bytes | str | os.PathLike[str], policy: Policy | None = None, *,
+                image: str | None = None, profile: str | None = None,
+                profiles_file: str | os.PathLike[str] | None = None,
+                audit_log: str | os.PathLike[str] | AuditLog | None = None, precheck: CodePolicy | None = None,
+                auto_restart: bool = False, backend: Backend | None = None) -> Session:
+        """A new session holding ``snapshot``'s state (see :meth:`AsyncSession.restore`)."""
+        return cls._made(backend, lambda: AsyncSession.restore(
+            snapshot, policy, image=image, profile=profile, profiles_file=profiles_file, audit_log=audit_log,
+            precheck=precheck, auto_restart=auto_restart, backend=backend))
+
+    @classmethod
+    def resume(cls, session_id: str, *, audit_log: str | os.PathLike[str] | AuditLog | None = None,
+               precheck: CodePolicy | None = None, auto_restart: bool = False,
+               backend: Backend | None = None) -> Session:
+        """The paused session ``session_id``, running again in this process (see :meth:`AsyncSession.resume`)."""
+        return cls._made(backend, lambda: AsyncSession.resume(
+            session_id, audit_log=audit_log, precheck=precheck, auto_restart=auto_restart, backend=backend))
+
+    @classmethod
+    def _made(cls, backend: Backend | None, make: Callable[[], Coroutine[Any, Any, AsyncSession]]) -> Session:
+        """A Session around the AsyncSession ``make`` returns, on a loop of its own holding."""
+        (backend or default_backend()).install_exit_hooks()
+        loop = LoopThread.acquire()
+        try:
+            inner = loop.run(make())
+        except BaseException:
+            LoopThread.release()
+            raise
+        self = cls.__new__(cls)
+        self._async, self._loop, self._owns_loop, self._closed = inner, loop, True, False
+        return self
 
     def close(self) -> None:
         if self._closed:
