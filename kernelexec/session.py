@@ -282,6 +282,7 @@ class AsyncSession:
     async def _restart_unlocked(self) -> None:
         if self._closed:
             raise SessionClosed("this session was closed; create a new one")
+        await self._resume_if_paused()  # a paused session is this object's again, then starts afresh
         await self._teardown()
         self._dead = None
         await self.start()
@@ -498,6 +499,8 @@ class AsyncSession:
 
     async def interrupt(self) -> None:
         """Interrupt the running code (KeyboardInterrupt in the kernel); state is kept."""
+        if self._paused:
+            return  # nothing runs
         client = self._require()
         self._log("interrupted")
         try:
@@ -681,6 +684,14 @@ class AsyncSession:
         self._log("paused", bytes=snap.size, variables=len(snap.variables), lost=len(snap.lost), handoff=handoff)
         return snap
 
+    async def _wake(self) -> None:
+        """For calls that do not hold the lock (files): resume a paused session, restart the idle clock."""
+        if self._paused and self._lock is not None:
+            async with self._lock:
+                await self._resume_if_paused()
+        if self._lock is not None:
+            self._arm_idle_timer()
+
     async def _resume_if_paused(self) -> None:
         """Under the lock: make a paused session run again, from the state directory."""
         if not self._paused:
@@ -777,6 +788,7 @@ class AsyncSession:
             await self.start()
         assert self._lock is not None
         async with self._lock:
+            await self._resume_if_paused()
             client = self._require()
             try:
                 return await client.complete_status(code, self.policy.interrupt_grace)
@@ -790,6 +802,7 @@ class AsyncSession:
 
         Goes through the engine's archive API: no host directory is mounted.
         """
+        await self._wake()
         self._require()
         assert self._sandbox is not None and self._sandbox.container_id is not None
         data = src if isinstance(src, bytes) else await asyncio.to_thread(Path(src).read_bytes)
@@ -814,6 +827,7 @@ class AsyncSession:
 
     async def download(self, src: str) -> bytes:
         """Read one regular file from the working directory (bounded by its size)."""
+        await self._wake()
         self._require()
         assert self._sandbox is not None and self._sandbox.container_id is not None
         path = _in_workdir(src)

@@ -87,7 +87,7 @@ def _runsc_registered() -> bool:
 GVISOR = suites.Suite(
     name="gvisor",
     targets=["tests/test_session.py", "tests/test_isolation.py", "tests/test_output_is_data.py",
-             "tests/security"],
+             "tests/security", "tests/test_snapshots.py"],
     env={"KERNELEXEC_TEST_RUNTIME": "runsc"},
     must_pass=[
         "tests/test_session.py::test_state_persists_and_restart_clears_it",

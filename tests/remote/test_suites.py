@@ -34,7 +34,7 @@ def remote_suite(env: dict[str, str]) -> suites.Suite:
 _SUITE: dict = dict(
     name="remote-tls",
     targets=["tests/test_session.py", "tests/test_isolation.py", "tests/test_pool.py", "tests/test_faults.py",
-             "tests/test_session_edges.py"],
+             "tests/test_session_edges.py", "tests/test_snapshots.py"],
     deselect={
         "tests/test_faults.py::test_docker_daemon_restart_while_sessions_exist":
             "restarts the local dockerd (by its pidfile), not the engine the run uses",
