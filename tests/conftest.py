@@ -56,6 +56,23 @@ def _apply_policy_defaults(defaults: dict[str, str]) -> None:
 _apply_policy_defaults(run_policy_defaults())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_state_dir(tmp_path_factory) -> Path:
+    """Paused sessions of this run (tests, their subprocesses, README examples) live in a directory of the
+    run's, never in the user's ``~/.local/state``; none may be left when the run ends."""
+    from kernelexec.snapshot import paused
+
+    path = tmp_path_factory.mktemp("kernelexec-state")
+    previous = os.environ.get("KERNELEXEC_STATE_DIR")
+    os.environ["KERNELEXEC_STATE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        del os.environ["KERNELEXEC_STATE_DIR"]
+    else:
+        os.environ["KERNELEXEC_STATE_DIR"] = previous
+    assert [p.id for p in paused(path)] == [], "the test run left paused sessions"
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from kernelexec.engine import default_endpoint
 

@@ -50,6 +50,7 @@ config = TestConfig(ToolCallEvent("run_code", arguments=json.dumps({"code": code
 RUN = {
     "from kernelexec import Session": "",
     "from kernelexec import Policy, SessionPool": "",
+    "from kernelexec import Policy, Session": "",
     "from autogen_agentchat.agents import CodeExecutorAgent": "",
     "from ag2 import Agent": AG2_CONFIG,
     "from smolagents import CodeAgent": SMOLAGENTS_MODEL,
