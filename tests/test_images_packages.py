@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kernelexec import Policy, Session
-from kernelexec.errors import ImageBuildError
+from kernelexec.errors import ImageBuildError, RestoreError
 from kernelexec.packages import (
     LABEL_LOCK,
     build_packages,
@@ -403,3 +403,19 @@ def test_the_analysis_flavour_has_the_usual_imports_of_a_data_analysis_agent(doc
     assert r.error is None, r.error
     assert r.stdout.split() == ["3.0", "3.0", "1.0", "50", "50"], r.stdout
     assert tag.startswith(kernel_image + "-")  # a derived image of this base, tagged by its lock
+
+
+def test_a_snapshot_restores_into_an_image_with_its_packages_and_names_them_where_missing(docker, kernel_image,
+                                                                                          index, built):
+    """Issue 16: a restore into another image works when the packages exist and names the module otherwise."""
+    tag = build_packages(["kx-tiny-c"], base=kernel_image, find_links=[index], no_index=True)
+    built.append(tag)
+    with Session(Policy(image=tag)) as s:
+        s.execute("import kx_tiny_c as tiny; from kx_tiny_c import VALUE; kept = [VALUE, tiny.VALUE]")
+        snap = s.snapshot()
+    assert snap.modules == {"tiny": "kx_tiny_c"} and snap.image == tag
+    with pytest.raises(RestoreError, match="kx_tiny_c") as e:
+        Session.restore(snap, Policy(image=kernel_image))
+    assert e.value.missing == ("kx_tiny_c",)
+    with Session.restore(snap, Policy(image=tag)) as r:
+        assert r.execute("print(kept, tiny.VALUE, VALUE)").stdout.strip() == "['3.0', '3.0'] 3.0 3.0"
