@@ -11,10 +11,16 @@ from .errors import (
     KernelExecError,
     OutputLost,
     ProtocolError,
+    ResponseTooLarge,
+    RestoreError,
     SandboxError,
     SandboxLost,
     SandboxStartError,
+    SessionBusy,
     SessionClosed,
+    SnapshotCorrupt,
+    SnapshotError,
+    SnapshotTooLarge,
 )
 from .policy import Policy
 from .pool import AsyncSessionPool, PoolClosed, PoolExhausted, PoolStats, SessionPool
@@ -22,6 +28,7 @@ from .precheck import CodePolicy
 from .profiles import PolicyViolation, ProfileError, load_profiles
 from .results import ErrorInfo, Execution, MimeBundle, Stream
 from .session import AsyncSession, Session
+from .snapshot import LostItem, PausedSession, Snapshot
 
 __all__ = [
     "AsyncSession",
@@ -55,5 +62,14 @@ __all__ = [
     "SessionPool",
     "SessionClosed",
     "Stream",
+    "LostItem",
+    "PausedSession",
+    "ResponseTooLarge",
+    "RestoreError",
+    "SessionBusy",
+    "Snapshot",
+    "SnapshotCorrupt",
+    "SnapshotError",
+    "SnapshotTooLarge",
 ]
 __version__ = "0.1.0"

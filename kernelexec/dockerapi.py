@@ -28,7 +28,7 @@ from urllib.parse import quote, urlencode
 
 from .engine import Endpoint, default_endpoint
 from .enginekind import EngineKind, classify
-from .errors import DockerUnavailable, SandboxError
+from .errors import DockerUnavailable, ResponseTooLarge, SandboxError
 from .sshconn import SshDialer, SshStream
 
 __all__ = ["Conflict", "DockerAPI", "DockerAPIError", "NotFound", "Stalled", "api", "close_stream", "file_chunks",
@@ -202,18 +202,18 @@ class DockerAPI:
                     await reader.readline()
                     return bytes(out)
                 if len(out) + size > limit:
-                    raise SandboxError(f"the Docker engine's response is larger than {limit} bytes")
+                    raise ResponseTooLarge(f"the Docker engine's response is larger than {limit} bytes")
                 out += await reader.readexactly(size)
                 await reader.readline()
         if "content-length" in headers:
             n = int(headers["content-length"])
             if n > limit:
-                raise SandboxError(f"the Docker engine's response is larger than {limit} bytes")
+                raise ResponseTooLarge(f"the Docker engine's response is larger than {limit} bytes")
             return await reader.readexactly(n)
         while chunk := await reader.read(65536):
             out += chunk
             if len(out) > limit:
-                raise SandboxError(f"the Docker engine's response is larger than {limit} bytes")
+                raise ResponseTooLarge(f"the Docker engine's response is larger than {limit} bytes")
         return bytes(out)
 
     async def request(self, method: str, path: str, *, params: dict[str, Any] | None = None,

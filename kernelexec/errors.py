@@ -23,6 +23,7 @@ about a kernel (a bad argument, an engine that cannot be reached)::
         ├── DockerAPIError              None    the engine answered with an HTTP error, mapped once
         │                                       in the engine client (dockerapi)
         ├── ImageNotFound, ImageBuildError
+        ├── ResponseTooLarge                    an answer over the bound the caller set (a file, /work)
         ├── SandboxStartError           None    the container or its kernel did not come up
         ├── ProtocolError               True    the kernel broke the protocol or its bounds (hostile)
         │   └── FramingError                    the attach stream's framing (backend.attach)
@@ -54,6 +55,11 @@ class SandboxError(KernelExecError):
 
 class DockerUnavailable(SandboxError):
     """The Docker engine could not be reached."""
+
+
+class ResponseTooLarge(SandboxError):
+    """The engine's answer (a file or directory asked for) is larger than the caller's bound; nothing of it
+    was kept."""
 
 
 class ImageNotFound(SandboxError):

@@ -32,6 +32,7 @@ from .errors import (
     KernelDied,
     OutputLost,
     ProtocolError,
+    ResponseTooLarge,
     SandboxError,
     SandboxStartError,
     SessionClosed,
@@ -556,9 +557,9 @@ class AsyncSession:
             variables, modules, lost = snapshot_ops.snapshot_parts(snapshot_ops.report(ex, "snapshot"))
             try:
                 archive = await sandbox.get_archive(WORKDIR, limit + (1 << 20))
-            except SandboxError as e:
-                raise SnapshotTooLarge(f"the snapshot is over Policy.snapshot_size ({limit:,} bytes) or the engine "
-                                       f"did not give /work: {e}") from e
+            except ResponseTooLarge as e:
+                raise SnapshotTooLarge(f"the session's files and variables are over Policy.snapshot_size ({limit:,} "
+                                       "bytes); raise it, or delete large files in /work first") from e
         finally:
             if self._client is client and client.alive:
                 await self._exchange(client, snapshot_ops.call("cleanup", path), None, Callbacks(), silent=True)

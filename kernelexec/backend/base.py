@@ -196,7 +196,8 @@ class Sandbox(abc.ABC):
     async def get_archive(self, path: str, limit: int) -> bytes:
         """A tar archive of ``path`` in the container, at most ``limit`` bytes.
 
-        Raises FileNotFoundError when there is nothing at ``path``."""
+        Raises FileNotFoundError when there is nothing at ``path``, and
+        :class:`~kernelexec.errors.ResponseTooLarge` past ``limit``."""
 
     @abc.abstractmethod
     async def destroy(self) -> None:

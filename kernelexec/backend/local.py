@@ -38,7 +38,7 @@ from collections.abc import Coroutine
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from ..errors import KernelDied, SandboxError, SandboxStartError
+from ..errors import KernelDied, ResponseTooLarge, SandboxError, SandboxStartError
 from ..policy import OWNER_SOCKET, WORKDIR, Policy, parse_size
 from ..sockdir import CONNECTION_FILE, SOCKET_BASENAME, wait_for_paths
 from .base import Backend, Channels, EgressHandler, Sandbox
@@ -307,7 +307,7 @@ class LocalSandbox(Sandbox):
         if local.is_dir() and not local.is_symlink():
             size = sum(os.lstat(os.path.join(r, n)).st_size for r, ds, fs in os.walk(local) for n in ds + fs)
         if size > limit:
-            raise SandboxError(f"{path} is larger than {limit} bytes")
+            raise ResponseTooLarge(f"{path} is larger than {limit} bytes")
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tf:
             tf.add(local, arcname=local.name, recursive=True)  # links are stored as links, never followed
