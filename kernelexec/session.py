@@ -118,6 +118,7 @@ class AsyncSession:
         self._paused = False  # the state is in the state directory, no container runs
         self._claim: Claim | None = None  # this process's hold on the session's state directory
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_used = 0.0  # time.monotonic() of the last call that used the kernel (Policy.idle_pause)
         self._idle_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -357,6 +358,13 @@ class AsyncSession:
         lost kernel; under the lock. ``silent``: kernelexec's own code (snapshots), out of the kernel's
         history and output cache."""
         timeout = self.policy.timeout if timeout is None else timeout
+        try:
+            return await self._exchange_once(client, code, timeout, callbacks, silent)
+        finally:
+            self._last_used = time.monotonic()  # idle is counted from the end of the last call
+
+    async def _exchange_once(self, client: KernelClient, code: str, timeout: float | None, callbacks: Callbacks,
+                             silent: bool) -> Execution:
         try:
             try:
                 msg_id = await client.submit(code, callbacks, silent=silent)
@@ -750,9 +758,13 @@ class AsyncSession:
         """(Re)start the idle clock of ``Policy.idle_pause``; called at each call that uses the kernel."""
         if self.policy.idle_pause is None or self._closed:
             return
+        self._last_used = time.monotonic()
+        self._schedule_idle(self.policy.idle_pause)
+
+    def _schedule_idle(self, delay: float) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._idle_timer = asyncio.get_running_loop().call_later(self.policy.idle_pause, self._idle_due)
+        self._idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_due)
 
     def _idle_due(self) -> None:
         self._idle_timer = None
@@ -764,6 +776,11 @@ class AsyncSession:
         async with self._lock:
             if self._closed or self._paused or self._sandbox is None or self._idle_timer is not None:
                 return  # closed, paused, or used again since the timer fired
+            assert self.policy.idle_pause is not None
+            remaining = self.policy.idle_pause - (time.monotonic() - self._last_used)
+            if remaining > 0:  # a call ran past the timer (a long execution): idle counts from its end
+                self._schedule_idle(remaining)
+                return
             try:
                 await self._pause_unlocked(handoff=False)
             except (SnapshotError, SandboxError, KernelDied) as e:

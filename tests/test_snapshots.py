@@ -190,6 +190,9 @@ def test_idle_pause_frees_the_container_and_the_next_call_resumes(kernel_image, 
     audit = tmp_path / "audit.jsonl"
     with Session(Policy(image=kernel_image, idle_pause=1.0), audit_log=audit) as s:
         s.execute("import numpy as np; a = np.arange(10)")
+        s.execute("import time; time.sleep(2.5)")  # runs past the idle clock: idle counts from its end
+        time.sleep(0.4)
+        assert not s.paused, "paused right after a long execution, not after idling"
         container = s.container_id
         deadline = time.monotonic() + 60
         while not s.paused and time.monotonic() < deadline:
