@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kernelexec import AsyncSession, Policy, Session
+from kernelexec.container import gc
 from kernelexec.errors import RestoreError, SessionBusy, SnapshotCorrupt, SnapshotTooLarge
 from kernelexec.snapshot import store
 from kernelexec.snapshot.format import encode
@@ -161,6 +162,42 @@ def test_pause_in_one_process_and_resume_in_another(kernel_image, docker, state_
             Session.resume(info["id"])  # held by this process now
         assert again.execute("total + 1").text == "499501"
     assert list(store.paused(state_dir)) == []  # closing a resumed session ends it
+
+
+KILLED_MID_PAUSE = textwrap.dedent("""
+    import os, sys, time
+    from kernelexec import Session
+    s = Session.resume(sys.argv[1])
+    s.execute("x = 'changed after the first pause'")
+    def stuck(fd):  # the new snapshot is written but not yet renamed over the old one: killed here
+        print("writing", s.container_id, flush=True)
+        time.sleep(600)
+    os.fsync = stuck
+    s.pause()
+""")
+
+
+def test_a_pause_killed_mid_write_leaves_the_previous_snapshot_resumable(policy, docker, state_dir):
+    with Session(policy) as s:
+        s.execute("x = 'as first paused'; import numpy as np; big = np.ones(4_000_000)")
+        s.pause()
+        sid = s.id
+    env = {**os.environ, "KERNELEXEC_STATE_DIR": str(state_dir)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_MID_PAUSE, sid], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().split()
+        assert line[:1] == ["writing"], line
+        assert list((state_dir / "sessions" / sid).glob(".snapshot.*.partial"))
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    report = gc()  # the killed process's container (its owner is gone)
+    assert line[1][:12] in report.containers
+    with Session.resume(sid) as again:
+        assert again.execute("print(x, int(big.sum()))").stdout.strip() == "as first paused 4000000"
+    assert not (state_dir / "sessions" / sid).exists()
 
 
 def test_a_paused_object_resumes_on_its_next_call_unless_another_process_holds_it(policy, state_dir):
