@@ -45,7 +45,7 @@ from .profiles import profile_policy, within
 from .protocol import new_key
 from .results import ErrorInfo, Execution, MimeBundle, Stream
 from .snapshot import ops as snapshot_ops
-from .snapshot.format import Snapshot, encode, split_work, work_for_restore
+from .snapshot.format import DIRECTORIES, Snapshot, encode, split_work, work_for_restore
 from .snapshot.store import Claim, PausedSession
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -537,12 +537,15 @@ class AsyncSession:
 
     async def snapshot(self, *, include: tuple[str, ...] = ()) -> Snapshot:
         """The session's state as a :class:`~kernelexec.snapshot.Snapshot`: its variables (pickled inside
-        the sandbox with dill), the modules it imported, /work, and ``include``'s ``"tmp"`` and ``"home"``.
+        the sandbox with dill), the modules it imported, /work, and ``include``'s ``"tmp"``, ``"home"`` and
+        ``"site"`` (the packages ``%pip install`` added, in a session with egress; without them a restore
+        names the missing modules).
         What could not be saved (generators, open files, threads, sockets, unpicklable objects) is in
         ``.lost`` with the reason, and in the audit log. The session goes on unchanged."""
-        unknown = set(include) - {"tmp", "home"}
+        unknown = set(include) - set(self._directories())
         if unknown:
-            raise ValueError(f"include takes 'tmp' and 'home', not {sorted(unknown)}")
+            raise ValueError(f"include takes {', '.join(map(repr, self._directories()))}, not {sorted(unknown)}"
+                             + (" ('site' exists only with Policy.egress)" if "site" in unknown else ""))
         if self._lock is None:
             await self.start()
         assert self._lock is not None
@@ -550,6 +553,10 @@ class AsyncSession:
             await self._resume_if_paused()
             self._arm_idle_timer()
             return await self._snapshot_unlocked(tuple(sorted(set(include))))
+
+    def _directories(self) -> tuple[str, ...]:
+        """The directories a snapshot of this session can hold besides /work (all of them for pause and fork)."""
+        return ("home", "site", "tmp") if self.policy.egress else ("home", "tmp")
 
     async def _snapshot_unlocked(self, include: tuple[str, ...]) -> Snapshot:
         client = self._require()
@@ -559,8 +566,9 @@ class AsyncSession:
         started = time.monotonic()
         stage = f".kernelexec-snapshot-{secrets.token_hex(6)}"
         path = f"{WORKDIR}/{stage}"
-        ex = await self._exchange(client, snapshot_ops.call("snapshot", path, limit, list(include)), None,
-                                  Callbacks(), silent=True)
+        ex = await self._exchange(client, snapshot_ops.call("snapshot", path, limit,
+                                                            {name: DIRECTORIES[name] for name in include}),
+                                  None, Callbacks(), silent=True)
         try:
             variables, modules, lost = snapshot_ops.snapshot_parts(snapshot_ops.report(ex, "snapshot"))
             try:
@@ -601,8 +609,10 @@ class AsyncSession:
         sandbox = self._sandbox
         assert sandbox is not None
         stage = f".kernelexec-restore-{secrets.token_hex(6)}"
-        extra = {stage: snap.section("namespace"),
-                 **{f"{stage}.{name}": snap.section(name) for name in ("tmp", "home") if name in snap.offsets}}
+        # a site directory (packages installed at run time) only where this policy mounts one: elsewhere the
+        # modules it held are named as missing
+        directories = [name for name in self._directories() if name in snap.offsets]
+        extra = {stage: snap.section("namespace"), **{f"{stage}.{name}": snap.section(name) for name in directories}}
         tar = await asyncio.to_thread(work_for_restore, snap.section("work"), sandbox.uid, sandbox.gid, extra)
         try:
             await sandbox.put_archive(WORKDIR, tar)
@@ -612,7 +622,7 @@ class AsyncSession:
             raise SnapshotTooLarge(f"the snapshot's files and variables ({len(tar):,} bytes) do not fit in the new "
                                    f"sandbox's /work (Policy.workdir_size={self.policy.workdir_size!r})") from e
         ex = await self._exchange(client, snapshot_ops.call("restore", f"{WORKDIR}/{stage}", snap.modules,
-                                                            [n for n in ("tmp", "home") if n in snap.offsets]),
+                                                            {name: DIRECTORIES[name] for name in directories}),
                                   None, Callbacks(), silent=True)
         count = snapshot_ops.restore_outcome(snapshot_ops.report(ex, "restore"), sandbox.image)
         self._log("restored", from_session=snap.session_id, snapshot_created=snap.created, bytes=snap.size,
@@ -643,7 +653,7 @@ class AsyncSession:
     async def fork(self) -> AsyncSession:
         """A second, independent session with this one's state (variables, /work, /tmp, home) in a new
         sandbox with the same policy. Later changes in either do not reach the other."""
-        snap = await self.snapshot(include=("tmp", "home"))
+        snap = await self.snapshot(include=self._directories())
         child = type(self)(self.policy, image=self._image, audit_log=self._audit, precheck=self._precheck,
                            auto_restart=self.auto_restart, backend=self.backend)
         child.profile = self.profile
@@ -672,7 +682,7 @@ class AsyncSession:
 
     async def _pause_unlocked(self, *, handoff: bool) -> Snapshot:
         await self._resume_if_paused()
-        snap = await self._snapshot_unlocked(("home", "tmp"))
+        snap = await self._snapshot_unlocked(self._directories())
         claim = self._claim if self._claim is not None else await asyncio.to_thread(Claim, self.id)
         record = PausedSession(id=self.id, paused_at=time.time(), policy=self.policy.to_json(), image=self._image,
                                profile=self.profile, size=snap.size, variables=len(snap.variables),

@@ -13,7 +13,8 @@ typed error before a sandbox is even made. Layout (all integers big-endian)::
     32 bytes                    SHA-256 of everything before it
 
 Sections: ``namespace`` (the variables, one dill pickle), ``work`` (a tar of /work, names relative to
-it), and ``tmp``/``home`` when asked for (tars made inside the sandbox).
+it), and ``tmp``/``home``/``site`` when asked for (tars made inside the sandbox; ``site`` is where
+``%pip install`` puts packages in a session with egress).
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SnapshotCorrupt, SnapshotTooLarge
+from ..policy import HOME, SITE_DIR
 
 MAGIC = b"KERNELEXEC-SNAPSHOT\n"
 FORMAT = 1
 #: a manifest larger than this is not one kernelexec wrote
 MAX_MANIFEST = 4 << 20
-SECTIONS = ("namespace", "work", "tmp", "home")
+SECTIONS = ("namespace", "work", "tmp", "home", "site")
+#: the sections made inside the sandbox from a directory, and where that directory is
+DIRECTORIES = {"tmp": "/tmp", "home": HOME, "site": SITE_DIR}
 _HEAD = struct.Struct(">II")
 _DIGEST = 32
 #: what a name or a reason from the sandbox may hold in a manifest

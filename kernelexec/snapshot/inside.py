@@ -126,9 +126,10 @@ def _tar_dir(src: str, dest: str, limit: int) -> int:
     return out.count
 
 
-def snapshot(stage: str, limit: int, extra: list[str]) -> None:
-    """Pickle the user's variables into ``stage`` (and /tmp, home into ``stage.tmp``/``.home`` when
-    asked); print the report. Nothing is kept in memory beyond what pickling needs."""
+def snapshot(stage: str, limit: int, extra: dict[str, str]) -> None:
+    """Pickle the user's variables into ``stage``, and tar each directory of ``extra`` (section -> path:
+    /tmp, home, the egress site directory) into ``stage.<section>``; print the report. Nothing is kept
+    in memory beyond what pickling needs."""
     from IPython import get_ipython
 
     shell = get_ipython()
@@ -155,10 +156,9 @@ def snapshot(stage: str, limit: int, extra: list[str]) -> None:
     report: dict[str, Any] = {"modules": modules, "lost": lost, "sizes": sizes}
     try:
         sizes["namespace"] = used = _write(Pickler, variables, stage, limit, lost)
-        for section, path in (("tmp", "/tmp"), ("home", os.path.expanduser("~"))):
-            if section in extra:
-                sizes[section] = _tar_dir(path, f"{stage}.{section}", limit - used)
-                used += sizes[section]
+        for section, path in extra.items():
+            sizes[section] = _tar_dir(path, f"{stage}.{section}", limit - used)
+            used += sizes[section]
     except _Full as e:
         _remove(stage)
         report = {"error": "too_large", "bytes": e.args[0], "limit": limit}
@@ -198,8 +198,9 @@ def _write(Pickler: Any, variables: dict[str, Any], stage: str, limit: int,
         return out.count
 
 
-def restore(stage: str, modules: dict[str, str], extra: list[str]) -> None:
-    """Load a snapshot's parts from ``stage`` into this kernel; print the report. Missing modules are
+def restore(stage: str, modules: dict[str, str], extra: dict[str, str]) -> None:
+    """Load a snapshot's parts from ``stage`` into this kernel (the directories of ``extra`` first, so
+    that packages installed at run time are there to import); print the report. Missing modules are
     named (all of them) before any variable is loaded."""
     import dill
     from IPython import get_ipython
@@ -208,20 +209,20 @@ def restore(stage: str, modules: dict[str, str], extra: list[str]) -> None:
     missing: list[str] = []
     errors: list[str] = []
     imported: dict[str, Any] = {}
+    for section, path in extra.items():
+        try:
+            with tarfile.open(f"{stage}.{section}") as tar:
+                _extract(tar, path)
+        except (OSError, tarfile.TarError) as e:
+            errors.append(f"{section}: {type(e).__name__}: {e}"[:_REASON])
+        finally:
+            _remove(f"{stage}.{section}")
+    importlib.invalidate_caches()
     for name, module in modules.items():
         try:
             imported[name] = importlib.import_module(module)
         except ImportError as e:
             missing.append(getattr(e, "name", None) or module)
-    for section, path in (("tmp", "/tmp"), ("home", os.path.expanduser("~"))):
-        if section in extra:
-            try:
-                with tarfile.open(f"{stage}.{section}") as tar:
-                    _extract(tar, path)
-            except (OSError, tarfile.TarError) as e:
-                errors.append(f"{section}: {type(e).__name__}: {e}"[:_REASON])
-            finally:
-                _remove(f"{stage}.{section}")
     loaded: dict[str, Any] = {}
     if not missing:
         try:
@@ -256,7 +257,7 @@ def _extract(tar: tarfile.TarFile, path: str) -> None:
 
 
 def cleanup(stage: str) -> None:
-    for path in (stage, f"{stage}.tmp", f"{stage}.home"):
+    for path in (stage, f"{stage}.tmp", f"{stage}.home", f"{stage}.site"):
         _remove(path)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelexec import Policy, Session
+from kernelexec import Policy, RestoreError, Session
 from kernelexec.backend import DockerBackend, Sandbox
 from kernelexec.backend.base import EgressHandler
 from kernelexec.egress.proxy import EgressEvent, EgressProxy
@@ -212,3 +212,28 @@ def test_connection_cap_with_budget_left(egress_index: EgressIndex, kernel_image
         assert r.error is None, r.error
         assert r.stdout.split() == ["3", "5"], r.stdout
         assert s.execute("1+1").text == "2"
+
+
+def test_packages_installed_at_run_time_survive_pause_and_fork_but_not_a_restore_without_egress(
+        egress_index: EgressIndex, kernel_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: the site directory travels with pause and fork; a policy without it names the module."""
+    monkeypatch.setenv("KERNELEXEC_STATE_DIR", str(tmp_path / "state"))
+    index = egress_index
+    policy = Policy(image=kernel_image, egress=(f"{index.address}:{index.https_port}",))
+    with Session(policy) as s:
+        s.upload(index.ca_pem, CA)
+        pip_install(s, index, DEMO_MODULE)
+        s.execute(f"import {DEMO_MODULE} as demo; v = demo.VALUE")
+        snap = s.snapshot(include=("site",))
+        assert snap.sizes.get("site", 0) > 0
+        with s.fork() as child:
+            assert child.execute("print(v, demo.VALUE)").stdout.split() == [str(DEMO_VALUE)] * 2
+        s.pause()
+        sid = s.id
+    with Session.resume(sid) as again:
+        assert again.execute(f"import {DEMO_MODULE}; print({DEMO_MODULE}.VALUE)").stdout.strip() == str(DEMO_VALUE)
+    with pytest.raises(RestoreError, match=DEMO_MODULE):
+        Session.restore(snap, Policy(image=kernel_image))
+    with pytest.raises(ValueError, match="only with Policy.egress"):
+        with Session(Policy(image=kernel_image)) as plain:
+            plain.snapshot(include=("site",))
