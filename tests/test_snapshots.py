@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kernelexec import AsyncSession, Policy, Session
+from kernelexec.backend import DockerBackend
 from kernelexec.container import gc
 from kernelexec.errors import RestoreError, SessionBusy, SnapshotCorrupt, SnapshotTooLarge
 from kernelexec.snapshot import store
@@ -266,16 +267,28 @@ def test_corrupted_truncated_newer_or_foreign_snapshots_are_refused_before_a_san
     changed[len(changed) // 2] ^= 0xFF
     newer = bytearray(data)
     newer[20:24] = (99).to_bytes(4, "big")
-    before = docker.api.containers(all=True, filters={"label": "kernelexec.owner_pid"})
+    backend = CountingBackend()
     for bad, why in ((bytes(changed), "checksum"), (data[:-100], "checksum|truncated"), (bytes(newer), "newer"),
                      (pickle.dumps({"x": 1}), "not a kernelexec snapshot")):
         with pytest.raises(SnapshotCorrupt, match=why):
-            Session.restore(bad, policy)
+            Session.restore(bad, policy, backend=backend)
     path = tmp_path / "s.kxsnap"
     path.write_bytes(data[:1000])
     with pytest.raises(SnapshotCorrupt):
-        Session.restore(path, policy)
-    assert docker.api.containers(all=True, filters={"label": "kernelexec.owner_pid"}) == before
+        Session.restore(path, policy, backend=backend)
+    assert backend.made == 0  # refused before any sandbox was asked for
+    with Session.restore(data, policy, backend=backend) as fine:
+        assert fine.execute("x").text == "1" and backend.made == 1
+
+
+class CountingBackend(DockerBackend):
+    """The Docker backend, counting the sandboxes asked of it."""
+
+    made = 0
+
+    def new_sandbox(self, *args, **kwargs):
+        self.made += 1
+        return super().new_sandbox(*args, **kwargs)
 
 
 class _Payload:
