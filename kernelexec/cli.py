@@ -39,7 +39,9 @@ from .policy import Policy
 from .results import ErrorInfo, Execution, MimeBundle, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .container import SessionInfo
     from .session import Session
+    from .snapshot import PausedSession
 
 EXIT_OK, EXIT_CODE_FAILED, EXIT_KERNELEXEC_ERROR, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
 EXIT_CODES_HELP = __doc__.split("Exit statuses:\n\n", 1)[1].split("\n\n", 1)[0] if __doc__ else ""
@@ -581,32 +583,111 @@ def _table(rows: list[list[str]]) -> str:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     from .container import list_sessions
+    from .snapshot import store
 
     sessions = list_sessions(all_hosts=args.all_hosts)
+    # a resumed session keeps its state directory while it runs (its owner holds it): it is listed as running
+    running = {s.session_id for s in sessions}
+    paused = [p for p in store.paused() if p.id not in running]
     if args.json:
-        print(json.dumps([asdict(s) for s in sessions], indent=2))
-        return EXIT_OK
-    if not sessions:
-        print("no kernelexec sessions")
-        return EXIT_OK
+        print(json.dumps(ps_json(sessions, paused), indent=2))
+    else:
+        print(ps_text(sessions, paused, _engine_line, time.time()))
+    return EXIT_OK
+
+
+def _engine_line() -> str:
     from .container import run_blocking
     from .dockerapi import api
 
     kind = run_blocking(api().engine_kind())
-    print(f"engine: {api().endpoint.describe()}: {kind.describe()}, default runtime {kind.default_runtime}")
-    rows = [["SESSION", "CONTAINER", "STATUS", "TRANSPORT", "RUNTIME", "OWNER", "HOST", "CREATED", "IMAGE"]]
-    rows += [[s.session_id, s.container_id[:12], s.status, s.transport, s.runtime or "default",
-              f"{s.owner_pid}{'' if s.owner_alive else ' (gone)'}", s.host, s.created, s.image] for s in sessions]
-    print(_table(rows))
-    return EXIT_OK
+    return f"engine: {api().endpoint.describe()}: {kind.describe()}, default runtime {kind.default_runtime}"
+
+
+def ps_text(sessions: Sequence[SessionInfo], paused: Sequence[PausedSession], engine: Callable[[], str],
+            now: float) -> str:
+    """``kernelexec ps``: the engine and its sessions' containers, then the paused sessions. ``engine`` is
+    asked only when a session runs (naming the engine is an extra round trip)."""
+    if not sessions and not paused:
+        return "no kernelexec sessions"
+    if sessions:
+        rows = [["SESSION", "CONTAINER", "STATUS", "TRANSPORT", "RUNTIME", "OWNER", "HOST", "CREATED", "IMAGE"]]
+        rows += [[s.session_id, s.container_id[:12], s.status, s.transport, s.runtime or "default",
+                  f"{s.owner_pid}{'' if s.owner_alive else ' (gone)'}", s.host, s.created, s.image] for s in sessions]
+        parts = [engine(), _table(rows)]
+    else:
+        parts = ["no running kernelexec sessions"]
+    if paused:
+        from .snapshot.store import state_dir
+
+        parts += ["", f"paused sessions in {state_dir()} (`kernelexec gc` removes those that expired):",
+                  paused_table(paused, now)]
+    return "\n".join(parts)
+
+
+def _iso(epoch: float) -> str:
+    """A time as the CREATED column shows it (the container label's form)."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
+def _held(holder: int | None) -> str:
+    """The STATE column: whether a process owns the paused session (it cannot be resumed elsewhere then)."""
+    if holder is None:
+        return "paused"
+    return "held (pid unknown)" if holder < 0 else f"held by pid {holder}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n / 1e3:.0f} kB"
+
+
+def paused_table(paused: Sequence[PausedSession], now: float) -> str:
+    """``kernelexec ps``'s table of paused sessions; STATE is "paused" (any process may resume it) or the
+    pid holding it (it resumed the session, or paused it on idle and resumes it at its next call)."""
+    from .snapshot.store import age
+
+    rows = [["SESSION", "PAUSED", "SIZE", "VARIABLES", "LOST", "STATE", "IMAGE"]]
+    rows += [[p.id, f"{_iso(p.paused_at)} ({age(max(0.0, now - p.paused_at))} ago)", _size(p.size),
+              str(p.variables), str(p.lost), _held(p.holder), p.image or "default"] for p in paused]
+    return _table(rows)
+
+
+def ps_json(sessions: Sequence[SessionInfo], paused: Sequence[PausedSession]) -> list[dict[str, Any]]:
+    """``ps --json``: one object a session, ``state`` telling which kind. "running": it has a container
+    (``status`` is the engine's word for the container); "paused": its state is in the state directory,
+    ``holder`` the pid that owns it (-1: a process whose pid is unknown), null when any process may resume it."""
+    out: list[dict[str, Any]] = [{"state": "running", **asdict(s)} for s in sessions]
+    out += [{"state": "paused", "session_id": p.id, "paused_at": _iso(p.paused_at), "size": p.size,
+             "variables": p.variables, "lost": p.lost, "holder": p.holder, "image": p.image, "profile": p.profile,
+             "path": str(p.path)} for p in paused]
+    return out
+
+
+def duration(value: str) -> float:
+    """``--paused-older-than``'s reading of a duration; argparse turns the error into a usage line."""
+    from .snapshot.store import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from .container import gc
+    from .snapshot import store
 
+    try:
+        ttl = store.paused_ttl() if args.paused_older_than is None else args.paused_older_than
+    except ValueError as e:
+        raise CliError(f"{e}; fix or unset it, or pass --paused-older-than") from None
     report = gc(everything=args.all)
+    expired = store.expire(ttl)
     if args.json:
-        print(json.dumps(asdict(report), indent=2))
+        print(json.dumps(asdict(report) | {"state_dir": str(store.state_dir()), "paused_older_than": ttl,
+                                           "expired": expired}, indent=2))
     else:
         print(f"removed {len(report.containers)} container(s), {len(report.volumes)} volume(s), "
               f"{len(report.socket_dirs)} socket dir(s)")
@@ -614,6 +695,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
                             ("socket dir", report.socket_dirs)):
             for item in items:
                 print(f"  {kind} {item}")
+        print(f"removed {len(expired)} item(s) from {store.state_dir()}: paused sessions no process holds, paused "
+              f"more than {store.age(ttl)} ago, and partial snapshot files")
+        for line in expired:
+            print(f"  {line}")
     for err in report.errors:
         print(f"kernelexec gc: {err}", file=sys.stderr)
     return EXIT_CODE_FAILED if report.errors else EXIT_OK
@@ -899,6 +984,11 @@ def _positive(value: str) -> float:
     return f
 
 
+#: what ``kernelexec gc`` expires, in the words of its help (one rule, said once)
+GC_PAUSED_RULE = ("paused sessions that no process holds and that were paused more than KERNELEXEC_PAUSED_TTL "
+                  "(default 7 days) ago")
+
+
 def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     """The options every command takes, before or after its name (``kernelexec mcp --profile analyst``).
 
@@ -970,13 +1060,25 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("tag", metavar="TAG")
     lk.set_defaults(fn=cmd_image_lock)
 
-    ps = command(sub, "ps", help="list sessions")
+    ps = command(sub, "ps", help="list sessions: running (in containers) and paused (in the state directory)",
+                 description="List kernelexec sessions: those in containers on the engine, then the paused ones in "
+                             "the state directory ($KERNELEXEC_STATE_DIR, default ~/.local/state/kernelexec), "
+                             "with the pid that holds each, if any. --json gives each a \"state\": "
+                             "\"running\" or \"paused\".")
     ps.add_argument("--all-hosts", action="store_true", help="include sessions of other hosts sharing the engine")
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(fn=cmd_ps)
 
-    gc = command(sub, "gc", help="remove what crashed processes left behind")
-    gc.add_argument("--all", action="store_true", help="also sessions of live processes on this host")
+    gc = command(sub, "gc", help="remove what crashed processes left behind, and expired paused sessions",
+                 description=f"Remove the containers, volumes and socket directories of sessions whose process "
+                             f"died; {GC_PAUSED_RULE}; and partial snapshot files that killed writers left. "
+                             "--all does not change that rule: a paused session is the user's data, removed only "
+                             "once it expired, and one a process holds never.")
+    gc.add_argument("--all", action="store_true", help="also the containers of live processes on this host "
+                                                       "(not their paused sessions)")
+    gc.add_argument("--paused-older-than", type=duration, metavar="DURATION",
+                    help="expire paused sessions paused more than this long ago, instead of KERNELEXEC_PAUSED_TTL: "
+                         "seconds, or a number with s, m, h or d (30m, 12h, 7d); 0: every one no process holds")
     gc.add_argument("--json", action="store_true")
     gc.set_defaults(fn=cmd_gc)
 

@@ -8,6 +8,7 @@ behaviour with no duplicated logic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import io
@@ -17,7 +18,7 @@ import os
 import secrets
 import tarfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -546,13 +547,20 @@ class AsyncSession:
         if unknown:
             raise ValueError(f"include takes {', '.join(map(repr, self._directories()))}, not {sorted(unknown)}"
                              + (" ('site' exists only with Policy.egress)" if "site" in unknown else ""))
+        async with self._running():
+            return await self._snapshot_unlocked(tuple(sorted(set(include))))
+
+    @contextlib.asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        """The session's lock, held with the session running (resumed if it was paused) and its idle clock
+        started again: a call that uses the kernel."""
         if self._lock is None:
             await self.start()
         assert self._lock is not None
         async with self._lock:
             await self._resume_if_paused()
             self._arm_idle_timer()
-            return await self._snapshot_unlocked(tuple(sorted(set(include))))
+            yield
 
     def _directories(self) -> tuple[str, ...]:
         """The directories a snapshot of this session can hold besides /work (all of them for pause and fork)."""
@@ -730,6 +738,15 @@ class AsyncSession:
         self._claim = claim
         self._paused = False
         self._log("resumed", paused_at=snap.created)
+
+    async def unpause(self) -> None:
+        """Run this paused session again now, from the state directory, rather than at its next call: the
+        wait for the new sandbox, or :class:`~kernelexec.errors.SessionBusy` when another process resumed
+        it meanwhile, come here. A session that is not paused is left as it is."""
+        if self._closed:
+            raise SessionClosed("this session was closed; create a new one")
+        async with self._running():
+            pass
 
     @classmethod
     async def resume(cls, session_id: str, *, audit_log: str | os.PathLike[str] | AuditLog | None = None,
@@ -1108,6 +1125,10 @@ class Session:
 
     def pause(self) -> Snapshot:
         return self._run(self._async.pause())
+
+    def unpause(self) -> None:
+        """Run this paused session again now (see :meth:`AsyncSession.unpause`)."""
+        self._run(self._async.unpause())
 
     def fork(self) -> Session:
         """A second, independent session with this one's state (see :meth:`AsyncSession.fork`)."""

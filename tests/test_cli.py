@@ -299,6 +299,59 @@ def test_gc_text_output(kernel_image):
     assert re.match(r"removed \d+ container\(s\), \d+ volume\(s\), \d+ socket dir\(s\)", p.stdout)
 
 
+def test_ps_lists_a_paused_session_and_gc_expires_it_by_the_rule(kernel_image, tmp_path, monkeypatch):
+    """Paused sessions are the user's data: kept by the default rule, never removed while a process holds
+    one, removed once unheld and older than the age asked for."""
+    from kernelexec.snapshot.store import Claim
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("KERNELEXEC_STATE_DIR", str(state))
+    env = {**ENV, "KERNELEXEC_STATE_DIR": str(state)}
+    env.pop("KERNELEXEC_PAUSED_TTL", None)
+    with Session(Policy(image=kernel_image)) as s:
+        s.execute("x = 41\ng = (i for i in range(3))")
+        snap = s.pause()
+    home = state / "sessions" / s.id
+
+    def listed() -> list[dict]:
+        return [r for r in json.loads(kx("ps", "--json", image=kernel_image, env=env).stdout) if r["state"] == "paused"]
+
+    (row,) = listed()
+    assert {k: row[k] for k in ("session_id", "size", "variables", "lost", "holder", "image", "path")} == {
+        "session_id": s.id, "size": snap.size, "variables": 1, "lost": 1, "holder": None, "image": kernel_image,
+        "path": str(home)}
+    out = kx("ps", image=kernel_image, env=env).stdout
+    assert "no kernelexec sessions" not in out.splitlines()
+    assert f"paused sessions in {state} (`kernelexec gc` removes those that expired):" in out
+    row_text = rf"^{s.id}  \S+ \([\d.]+ s ago\)\s+\d+ kB\s+1\s+1\s+paused\s+{re.escape(kernel_image)}$"
+    assert re.search(row_text, out, re.M), out
+
+    partial = home / ".snapshot.killedwriter.partial"  # what a writer killed mid-pause leaves
+    partial.write_bytes(b"half a snapshot")
+    p = kx("gc", image=kernel_image, env=env)  # the default rule: 7 days
+    assert p.returncode == 0, p.stderr
+    assert f"from {state}: paused sessions no process holds, paused more than 7 d ago" in p.stdout
+    assert f"  partial snapshot {partial}\n" in p.stdout and f"paused session {s.id}" not in p.stdout
+    assert not partial.exists() and (home / "snapshot").is_file()
+
+    claim = Claim(s.id)  # this process holds it, as one that resumed it or paused it on idle does
+    try:
+        (row,) = listed()
+        assert row["holder"] == os.getpid()
+        assert f"held by pid {os.getpid()}" in kx("ps", image=kernel_image, env=env).stdout
+        p = kx("gc", "--paused-older-than", "0", image=kernel_image, env=env)
+        assert p.returncode == 0 and s.id not in p.stdout and (home / "snapshot").is_file()
+    finally:
+        claim.release()
+
+    p = kx("gc", "--json", image=kernel_image, env={**env, "KERNELEXEC_PAUSED_TTL": "0s"})
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["state_dir"] == str(state) and report["paused_older_than"] == 0
+    assert [e.split(" (")[0] for e in report["expired"]] == [f"paused session {s.id}"]
+    assert not home.exists() and listed() == []
+
+
 # -- doctor, image -----------------------------------------------------------------------
 
 def test_doctor_passes(kernel_image):

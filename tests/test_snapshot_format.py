@@ -240,6 +240,7 @@ def test_session_ids_are_checked_and_the_state_dir_is_private(state):
     assert (store.session_dir("cccccccccccc").stat().st_mode & 0o777) == 0o700
     with pytest.raises(SnapshotError, match="no paused state"):
         store.Claim("dddddddddddd").load()
+    assert not store.session_dir("dddddddddddd").exists()  # an unknown id leaves nothing behind
 
 
 # ------------------------------------------------------------------------------ the kernel's report

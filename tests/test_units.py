@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ from kernelexec.errors import ProtocolError, SandboxError
 from kernelexec.policy import container_config, parse_size, resolve_user
 from kernelexec.protocol import DELIM, Signer, build, parse
 from kernelexec.results import Execution, MimeBundle, Stream, strip_ansi
+from kernelexec.snapshot import PausedSession
 from kernelexec.sockdir import SocketDir, owner_pid_of
 
 
@@ -144,3 +146,104 @@ def test_socket_dir_refuses_non_sockets_and_removes_without_following_links(tmp_
     d.remove()
     assert not d.path.exists()
     assert victim.read_text() == "keep me"
+
+
+# -- paused sessions: the duration `kernelexec gc` expires them by, and how `ps` shows them --------------
+
+@pytest.mark.parametrize(("text", "seconds"), [("0", 0), ("3600", 3600), ("1.5", 1.5), ("90s", 90), ("30m", 1800),
+                                               ("12h", 43200), ("1.5h", 5400), ("7d", 604800)])
+def test_durations_read_as_seconds(text, seconds):
+    from kernelexec.snapshot.store import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7w", "-1d", "7 d", " 7d", "7d ", "7D", "1h30m", "1e3", "inf", "nan", ".5h",
+                                  "5.", "d", "\u0663d"])
+def test_anything_else_is_not_a_duration(text):
+    from kernelexec.snapshot.store import parse_duration
+
+    with pytest.raises(ValueError, match=r"is not a duration: give seconds \(3600\) or a number with s, m, h or d"):
+        parse_duration(text)
+
+
+def test_paused_ttl_is_seven_days_unless_the_environment_says_otherwise(monkeypatch):
+    from kernelexec.snapshot.store import DEFAULT_TTL, paused_ttl
+
+    monkeypatch.delenv("KERNELEXEC_PAUSED_TTL", raising=False)
+    assert paused_ttl() == DEFAULT_TTL == 7 * 86400
+    monkeypatch.setenv("KERNELEXEC_PAUSED_TTL", "12h")
+    assert paused_ttl() == 43200
+    monkeypatch.setenv("KERNELEXEC_PAUSED_TTL", "600")
+    assert paused_ttl() == 600
+    monkeypatch.setenv("KERNELEXEC_PAUSED_TTL", "-1")
+    with pytest.raises(ValueError, match="KERNELEXEC_PAUSED_TTL: '-1' is not a duration"):
+        paused_ttl()
+
+
+def test_gc_refuses_a_bad_duration(monkeypatch, capsys):
+    """A typo in either is an error that says what to write, never some other rule that expires sessions."""
+    from kernelexec.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["gc", "--paused-older-than", "7w"])
+    assert stop.value.code == 2
+    assert "argument --paused-older-than: '7w' is not a duration" in capsys.readouterr().err
+    monkeypatch.setenv("KERNELEXEC_PAUSED_TTL", "7 days")
+    assert main(["gc"]) == 2
+    assert capsys.readouterr().err == (
+        "kernelexec: KERNELEXEC_PAUSED_TTL: '7 days' is not a duration: give seconds (3600) or a number with s, m, "
+        "h or d (90s, 30m, 12h, 7d); fix or unset it, or pass --paused-older-than\n")
+
+
+def test_gc_help_states_the_rule():
+    from kernelexec.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["gc"].format_help().split())
+    assert ("paused sessions that no process holds and that were paused more than KERNELEXEC_PAUSED_TTL "
+            "(default 7 days) ago") in text
+    assert "--paused-older-than DURATION" in text
+
+
+def _paused(sid: str, paused_at: float, size: int, holder: int | None) -> PausedSession:
+    return PausedSession(id=sid, paused_at=paused_at, policy=Policy().to_json(), image=None, profile=None, size=size,
+                         variables=3, lost=1, holder=holder)
+
+
+def test_ps_lists_paused_sessions_after_the_running_ones_or_alone(monkeypatch, tmp_path):
+    from kernelexec.cli import ps_json, ps_text
+    from kernelexec.container import SessionInfo
+
+    monkeypatch.setenv("KERNELEXEC_STATE_DIR", str(tmp_path))
+    now = 1_800_000_000.0
+    paused = [_paused("0123456789ab", now - 180, 72_298, None), _paused("ba9876543210", now - 5400, 1_500_000, 4242),
+              _paused("aaaaaaaaaaaa", now - 8 * 86400, 10, -1)]
+
+    def no_engine() -> str:
+        raise AssertionError("the engine is named only when a session runs")
+
+    lines = ps_text([], paused, no_engine, now).splitlines()
+    assert lines[:3] == ["no running kernelexec sessions", "",
+                         f"paused sessions in {tmp_path} (`kernelexec gc` removes those that expired):"]
+    assert lines[3].split() == ["SESSION", "PAUSED", "SIZE", "VARIABLES", "LOST", "STATE", "IMAGE"]
+    assert lines[4].split() == ["0123456789ab", "2027-01-15T07:57:00+00:00", "(3", "min", "ago)", "72", "kB", "3",
+                                "1", "paused", "default"]
+    assert lines[5].split()[1:] == ["2027-01-15T06:30:00+00:00", "(1.5", "h", "ago)", "1.5", "MB", "3", "1", "held",
+                                    "by", "pid", "4242", "default"]
+    assert "(8 d ago)" in lines[6] and "held (pid unknown)" in lines[6]
+    assert ps_text([], [], no_engine, now) == "no kernelexec sessions"
+
+    running = SessionInfo(session_id="cccccccccccc", container_id="f" * 64, status="running", owner_pid=7,
+                          owner_alive=False, host="h", created="2027-01-15T08:00:00+00:00", image="img")
+    lines = ps_text([running], paused[:1], lambda: "engine: here", now).splitlines()
+    assert lines[0] == "engine: here" and lines[1].startswith("SESSION") and lines[2].split()[:6] == [
+        "cccccccccccc", "f" * 12, "running", "ipc", "default", "7"]
+    assert lines[3:5] == ["", f"paused sessions in {tmp_path} (`kernelexec gc` removes those that expired):"]
+
+    rows = ps_json([running], paused[1:2])
+    assert [r["state"] for r in rows] == ["running", "paused"]
+    assert rows[0]["session_id"] == "cccccccccccc" and rows[0]["status"] == "running"
+    assert rows[1] == {"state": "paused", "session_id": "ba9876543210", "paused_at": "2027-01-15T06:30:00+00:00",
+                       "size": 1_500_000, "variables": 3, "lost": 1, "holder": 4242, "image": None, "profile": None,
+                       "path": str(tmp_path / "sessions" / "ba9876543210")}

@@ -3,9 +3,13 @@
 Tools: ``create_session``, ``execute`` (text plus the images as MCP image
 content), ``upload_file``/``download_file`` (base64, working directory only),
 ``list_sessions``, ``save_notebook`` (the session as a notebook, written into
-the server's ``--notebook-dir`` only) and ``close_session``. Every session uses
-the server's policy or profile; a client cannot loosen it. All sessions close
-when the server stops.
+the server's ``--notebook-dir`` only), ``close_session``, and ``pause_session``,
+``resume_session`` and ``fork_session``. Every session uses the server's policy
+or profile; a client cannot loosen it, and a paused session whose policy is
+looser than the server's is not resumed here. All sessions close when the
+server stops, except paused ones: pausing hands a session to the host's state
+directory, where any process may resume it by id (a later server too) until
+``kernelexec gc`` expires it.
 
 Works with both majors of the MCP Python SDK: 2.x (``MCPServer``; host and
 port are given to ``run``) and 1.x from 1.20 (``FastMCP``; host and port are
@@ -22,6 +26,7 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -30,9 +35,12 @@ from typing import Any
 import anyio
 
 from .. import __version__
-from ..errors import ExecutionTimeout, KernelDied, KernelExecError
+from ..errors import ExecutionTimeout, KernelDied, KernelExecError, SessionBusy
+from ..image import image_tag
 from ..policy import Policy
+from ..profiles import PolicyViolation, profile_policy, within
 from ..session import AsyncSession
+from ..snapshot import store
 
 try:  # MCP SDK 2.x
     from mcp.server.mcpserver import Image  # type: ignore[import-not-found,unused-ignore]
@@ -88,6 +96,38 @@ class SessionRegistry:
         except KeyError:
             raise ValueError(f"no session {session_id!r}; create one with create_session") from None
 
+    def room(self) -> None:
+        """Refuse a new session past ``max_sessions`` (paused ones count: their next call makes a sandbox)."""
+        if len(self.sessions) >= self.max_sessions:
+            raise ValueError(f"at most {self.max_sessions} sessions at once; close one first")
+
+    def ceiling(self) -> Policy:
+        """The policy this server's sessions get (as :class:`AsyncSession` makes it from policy and profile):
+        what a session resumed from elsewhere may not exceed."""
+        if self.profile is None:
+            return self.policy or Policy()
+        profile = profile_policy(self.profile)
+        return within(self.policy, profile, role=self.profile) if self.policy is not None else profile
+
+    def admit(self, record: store.PausedSession) -> None:
+        """Refuse to resume a session that another process paused with a looser policy, or on another image
+        than the one this server pins: a client of this server must not get what its policy withholds."""
+        ceiling = self.ceiling()
+        try:
+            theirs = Policy.from_json(record.policy)
+        except ValueError as e:
+            raise PolicyViolation(f"session {record.id}'s record holds no usable policy ({e}); it is not "
+                                  "resumed here") from None
+        wider = theirs.relaxations(base=ceiling)
+        if ceiling.image is not None:
+            # the image it would run on here, as AsyncSession picks it: named, else $KERNELEXEC_IMAGE or the recipe's
+            image = record.image or theirs.image or os.environ.get("KERNELEXEC_IMAGE") or image_tag()
+            if image != ceiling.image:
+                wider.append(f"image {image!r} instead of this server's {ceiling.image!r}")
+        if wider:
+            raise PolicyViolation(f"session {record.id} was paused with more than this server allows: "
+                                  + "; ".join(wider) + ". Resume it where its policy is allowed")
+
     async def close_all(self) -> None:
         sessions, self.sessions = list(self.sessions.values()), {}
         for s in sessions:
@@ -97,7 +137,9 @@ class SessionRegistry:
 INSTRUCTIONS = (
     "Run Python in sandboxed Jupyter kernels: create_session, then execute code; variables persist between "
     "executions of one session. There is no network and no access to the host's files: move files in and out "
-    "with upload_file/download_file (working directory /work). Close sessions you no longer need.")
+    "with upload_file/download_file (working directory /work). Close sessions you no longer need; pause_session "
+    "frees a session's memory and keeps its state (execute in it, or resume_session, to go on), and fork_session "
+    "copies a session to try something without changing it.")
 
 
 def build_server(policy: Policy | None = None, *, profile: str | None = None, max_sessions: int = 8,
@@ -139,8 +181,7 @@ def build_server(policy: Policy | None = None, *, profile: str | None = None, ma
     async def create_session() -> dict[str, str]:
         """Start a new sandboxed Python kernel and return its session_id."""
         with _as_tool_error():
-            if len(registry.sessions) >= registry.max_sessions:
-                raise ValueError(f"at most {registry.max_sessions} sessions at once; close one first")
+            registry.room()
             s = AsyncSession(registry.policy, profile=registry.profile)
             await s.start()
             registry.sessions[s.id] = s
@@ -186,9 +227,58 @@ def build_server(policy: Policy | None = None, *, profile: str | None = None, ma
 
     @server.tool()
     async def list_sessions() -> list[dict[str, Any]]:
-        """The open sessions and how many cells each has run."""
-        return [{"session_id": sid, "alive": s.alive, "executions": len(s.history)}
+        """The open sessions, whether each is paused (its next execute resumes it), and how many cells each
+        has run."""
+        return [{"session_id": sid, "alive": s.alive, "paused": s.paused, "executions": len(s.history)}
                 for sid, s in registry.sessions.items()]
+
+    @server.tool()
+    async def pause_session(session_id: str) -> dict[str, Any]:
+        """Pause a session: its variables and its files in /work, /tmp and home are saved on the server's host
+        and its sandbox is removed, freeing its memory. The next execute in it resumes it, as does
+        resume_session (by another server too, after this one stopped). Returns the snapshot's size in bytes,
+        how many variables were saved, and what could not be (open files, generators, threads, ...) in
+        "lost", each with its type and the reason."""
+        with _as_tool_error():
+            s = registry.get(session_id)
+            if s.paused:
+                raise ValueError(f"session {session_id} is already paused; execute in it or call resume_session "
+                                 "to run it again")
+            snap = await s.pause()
+            return {"session_id": s.id, "bytes": snap.size, "variables": len(snap.variables),
+                    "lost": [{"name": x.name, "type": x.type, "reason": x.reason} for x in snap.lost]}
+
+    @server.tool()
+    async def resume_session(session_id: str) -> dict[str, Any]:
+        """Run a paused session again now, in a new sandbox with the state it was paused with: one of this
+        server's, or one paused elsewhere (another server, a kernelexec program) whose id you were given.
+        Returns its session_id and how many variables its snapshot holds."""
+        with _as_tool_error():
+            record = await anyio.to_thread.run_sync(store.read_record, store.session_dir(session_id))
+            mine = registry.sessions.get(session_id)
+            if mine is not None:
+                if not mine.paused:
+                    raise ValueError(f"session {session_id} is not paused: it runs already")
+                await mine.unpause()
+            else:
+                if record is None:
+                    raise ValueError(f"no paused session {session_id!r} on this host; pause_session pauses one")
+                registry.room()
+                registry.admit(record)
+                s = await AsyncSession.resume(session_id)
+                registry.sessions[s.id] = s
+            return {"session_id": session_id, "variables": record.variables if record is not None else None}
+
+    @server.tool()
+    async def fork_session(session_id: str) -> dict[str, str]:
+        """Copy a session into a new one (its variables and files, in a sandbox of its own): what either does
+        later does not reach the other. Returns the new session_id."""
+        with _as_tool_error():
+            s = registry.get(session_id)
+            registry.room()
+            child = await s.fork()
+            registry.sessions[child.id] = child
+            return {"session_id": child.id}
 
     @server.tool()
     async def save_notebook(session_id: str, name: str | None = None) -> str:
@@ -209,11 +299,18 @@ def build_server(policy: Policy | None = None, *, profile: str | None = None, ma
 
     @server.tool()
     async def close_session(session_id: str) -> str:
-        """Close a session: its container and files are removed."""
+        """Close a session: its container and files are removed, and so is its saved state if it is paused."""
         with _as_tool_error():
             s = registry.get(session_id)
             del registry.sessions[session_id]
-            await s.close()
+            paused = s.paused
+            await s.close()  # a paused session's close leaves its state for whoever resumes it: not asked for here
+            if paused and await anyio.to_thread.run_sync(store.read_record, store.session_dir(session_id)) is not None:
+                try:
+                    claim = await anyio.to_thread.run_sync(store.Claim, session_id)
+                except SessionBusy as e:
+                    return f"closed {session_id} here; its paused state stays: {e}"
+                await anyio.to_thread.run_sync(claim.remove)
             return f"closed {session_id}"
 
     server._kernelexec_registry = registry  # for tests and the CLI

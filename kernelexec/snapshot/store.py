@@ -9,8 +9,9 @@ a second process cannot resume it meanwhile, and the lock goes with the process,
 owner died is paused again (its last snapshot) and can be resumed or expired.
 
 The rule ``kernelexec gc`` applies: a paused session that no process holds and that was paused more
-than ``KERNELEXEC_PAUSED_TTL`` seconds ago (default 7 days; ``gc --paused-older-than``) is removed,
-and so are partial snapshot files left by writers that were killed.
+than ``KERNELEXEC_PAUSED_TTL`` ago (default 7 days; ``gc --paused-older-than``; seconds, or a number with
+``s``, ``m``, ``h`` or ``d``: ``12h``, ``7d``) is removed, and so are partial snapshot files left by
+writers that were killed.
 """
 
 from __future__ import annotations
@@ -44,12 +45,30 @@ def state_dir() -> Path:
     return Path(base) / "kernelexec"
 
 
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
+_UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``3600``, ``90s``, ``30m``, ``12h`` or ``7d`` (``1.5h`` too). Nothing else is read, so
+    a typo ("7w", "-1d", "7 d") is an error rather than a rule that removes paused sessions too early."""
+    m = _DURATION.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a duration: give seconds (3600) or a number with s, m, h or d "
+                         "(90s, 30m, 12h, 7d)")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
 def paused_ttl() -> float:
+    """How long an unheld paused session is kept: ``$KERNELEXEC_PAUSED_TTL`` (a duration, as
+    :func:`parse_duration` reads), else :data:`DEFAULT_TTL`."""
     value = os.environ.get("KERNELEXEC_PAUSED_TTL")
+    if not value:
+        return DEFAULT_TTL
     try:
-        return float(value) if value else DEFAULT_TTL
-    except ValueError:
-        raise ValueError(f"KERNELEXEC_PAUSED_TTL must be seconds, got {value!r}") from None
+        return parse_duration(value)
+    except ValueError as e:
+        raise ValueError(f"KERNELEXEC_PAUSED_TTL: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -119,7 +138,8 @@ class Claim:
 
     def load(self, max_bytes: int | None = None) -> tuple[Snapshot, PausedSession]:
         record = read_record(self.dir)
-        if record is None:
+        if record is None:  # nothing paused under this id: the directory the claim made goes with it
+            self.release(remove=True)
             raise SnapshotError(f"session {self.id} has no paused state in {self.dir.parent}")
         return Snapshot.load(self.dir / SNAPSHOT, max_bytes=max_bytes), record
 
@@ -197,8 +217,8 @@ def expire(older_than: float | None = None, root: Path | None = None) -> list[st
             removed.append(f"partial snapshot {partial}")
         if record is None or now - record.paused_at > ttl:
             claim.remove()
-            removed.append(f"paused session {d.name}" + (f" (paused {_age(now - record.paused_at)} ago)"
-                                                           if record else " (no record)"))
+            removed.append(f"paused session {d.name}" + (f" (paused {age(now - record.paused_at)} ago)"
+                                                          if record else " (no record)"))
         else:
             claim.release()
     return removed
@@ -235,8 +255,9 @@ def _private(path: Path) -> None:
         raise SnapshotError(f"{path} is not a directory of this user's; the state directory must be private")
 
 
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
+def age(seconds: float) -> str:
+    """A duration in the unit a person reads it in: "40 s", "3 min", "1.5 h", "7 d" (a tenth below ten of
+    the unit, so a rule of 90 minutes does not read as 2 hours)."""
+    unit, size = next(((u, n) for u, n in (("d", 86400), ("h", 3600), ("min", 60)) if seconds >= n), ("s", 1))
+    value = seconds / size
+    return f"{value:.0f} {unit}" if value >= 10 or round(value, 1) == round(value) else f"{value:.1f} {unit}"

@@ -26,7 +26,7 @@ from kernelexec.sockdir import PREFIX, socket_root
 
 CLIENT_MAJOR = int(metadata.version("mcp").split(".")[0])
 TOOLS = {"create_session", "execute", "upload_file", "download_file", "list_sessions", "save_notebook",
-         "close_session"}
+         "close_session", "pause_session", "resume_session", "fork_session"}
 PLOT = ("import pandas as pd, matplotlib.pyplot as plt\ndf = pd.read_csv('data.csv')\n"
         "print(df.b.sum())\nplt.plot(df.a, df.b); plt.show()")
 
@@ -183,7 +183,8 @@ async def exercise(client: Any, notebook_dir: Path) -> None:
     assert is_error(r) and "no session 'nope'; create one with create_session" in text(r)
 
     listed = await client.call_tool("list_sessions", {})
-    assert {"session_id": sid, "alive": True, "executions": 5} in [json.loads(c.text) for c in listed.content]
+    assert {"session_id": sid, "alive": True, "paused": False, "executions": 5} in [json.loads(c.text)
+                                                                                    for c in listed.content]
     saved = await client.call_tool("save_notebook", {"session_id": sid, "name": "trail"})
     assert text(saved) == str(notebook_dir / "trail.ipynb")
     bad = await client.call_tool("save_notebook", {"session_id": sid, "name": "../escape"})
@@ -193,6 +194,94 @@ async def exercise(client: Any, notebook_dir: Path) -> None:
     assert text(closed) == f"closed {sid}"
     r = await client.call_tool("execute", {"session_id": sid, "code": "1"})
     assert is_error(r) and "no session" in text(r)
+
+
+def pause_elsewhere(policy: kernelexec.Policy, code: str) -> str:
+    """A session paused by another kernelexec program (this test process) in the state directory; its id."""
+    with kernelexec.Session(policy) as s:
+        s.execute(code)
+        s.pause()
+    return s.id
+
+
+def listing(result: Any) -> dict[str, dict[str, Any]]:
+    return {row["session_id"]: row for row in (json.loads(c.text) for c in result.content)}
+
+
+async def pause_resume_fork(client: Any, server_pid: Callable[[], int], docker: Any, state: Path, foreign: str,
+                            looser: str) -> str:
+    """Pause, resume (the server's own and one paused elsewhere), fork, with the server's limit of three
+    sessions and its policy. Leaves ``foreign`` paused when it returns it (the server hands it on at exit)."""
+    from kernelexec.snapshot import store
+
+    await client.initialize()
+    assert {"pause_session", "resume_session", "fork_session"} <= {t.name for t in (await client.list_tools()).tools}
+
+    async def call(tool: str, **args: Any) -> Any:
+        r = await client.call_tool(tool, args)
+        assert not is_error(r), f"{tool}: {text(r)}"
+        return json.loads(text(r)) if tool not in ("execute", "close_session") else text(r)
+
+    async def refused(tool: str, **args: Any) -> str:
+        r = await client.call_tool(tool, args)
+        assert is_error(r), f"{tool} {args} did not fail: {text(r)}"
+        return text(r)
+
+    a = (await call("create_session"))["session_id"]
+    await call("execute", session_id=a, code="x = 41\ng = (i for i in range(2))\n"
+                                            "_ = open('/work/notes.txt', 'w').write('kept')")
+    paused = await call("pause_session", session_id=a)
+    assert paused["session_id"] == a and paused["bytes"] > 0 and paused["variables"] == 1
+    assert [(x["name"], x["type"]) for x in paused["lost"]] == [("g", "generator")] and paused["lost"][0]["reason"]
+    assert owned(docker, server_pid())[0] == []  # its sandbox is gone
+    assert listing(await client.call_tool("list_sessions", {}))[a] == {
+        "session_id": a, "alive": False, "paused": True, "executions": 1}
+    assert "already paused" in await refused("pause_session", session_id=a)
+    assert [(p.id, p.holder) for p in store.paused(state) if p.id == a] == [(a, None)]  # any process may resume it
+
+    # the next use resumes it: a file read, then resume_session, then an execute
+    down = await call("download_file", session_id=a, path="notes.txt")
+    assert base64.b64decode(down["content_base64"]) == b"kept"
+    assert listing(await client.call_tool("list_sessions", {}))[a]["paused"] is False
+    assert "it runs already" in await refused("resume_session", session_id=a)
+    await call("pause_session", session_id=a)
+    assert await call("resume_session", session_id=a) == {"session_id": a, "variables": 1}
+    assert "]: 42" in await call("execute", session_id=a, code="x + 1")
+    await call("pause_session", session_id=a)
+    assert "]: 43" in await call("execute", session_id=a, code="x + 2")
+
+    # a fork is independent of its parent, both ways
+    b = (await call("fork_session", session_id=a))["session_id"]
+    assert b != a
+    await call("execute", session_id=b, code="x = 0")
+    await call("execute", session_id=a, code="y = 1")
+    assert "]: 41" in await call("execute", session_id=a, code="x")
+    assert "0 False" in await call("execute", session_id=b, code="print(x, 'y' in dir())")
+    assert "kept" in await call("execute", session_id=b, code="print(open('/work/notes.txt').read())")
+
+    # sessions paused elsewhere: resumed here within the server's policy, and counted against its limit
+    assert "more than this server allows: memory='2g' is above '1g'" in await refused("resume_session",
+                                                                                      session_id=looser)
+    assert [p.holder for p in store.paused(state) if p.id == looser] == [None]  # refused before it was touched
+    assert await call("resume_session", session_id=foreign) == {"session_id": foreign, "variables": 1}
+    assert [p.holder for p in store.paused(state) if p.id == foreign] == [server_pid()]  # the server holds it now
+    assert "'from elsewhere'" in await call("execute", session_id=foreign, code="z")
+    assert "it runs already" in await refused("resume_session", session_id=foreign)
+    assert "at most 3 sessions" in await refused("fork_session", session_id=a)
+    assert "at most 3 sessions" in await refused("resume_session", session_id=looser)
+    assert "no paused session '0123456789ab'" in await refused("resume_session", session_id="0123456789ab")
+    assert "'nope' is not a session id" in await refused("resume_session", session_id="nope")
+    assert not (state / "sessions" / "0123456789ab").exists()
+
+    # closing a paused session discards its state; one paused at the server's exit stays for a later server
+    await call("close_session", session_id=b)
+    await call("pause_session", session_id=a)
+    assert (state / "sessions" / a).is_dir()
+    assert await call("close_session", session_id=a) == f"closed {a}"
+    assert not (state / "sessions" / a).exists()
+    await call("pause_session", session_id=foreign)
+    assert len(owned(docker, server_pid())[0]) == 0
+    return foreign
 
 
 def check_notebook(notebook_dir: Path) -> None:

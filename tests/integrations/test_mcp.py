@@ -19,6 +19,8 @@ from .mcp_scenario import (
     http_server,
     http_session,
     owned,
+    pause_elsewhere,
+    pause_resume_fork,
     quiet_server_refuses_notebooks,
     server_args,
     server_mcp_major,
@@ -86,3 +88,27 @@ def test_http_two_clients(docker, kernel_image, tmp_path):
     check_notebook(tmp_path)
     assert owned(docker, pid) == NOTHING  # SIGINT: the server closed every session on its way out
     assert any("Uvicorn running on" in line for line in log)  # -v: the server's INFO log shows
+
+
+def test_pause_resume_fork(docker, kernel_image, tmp_path, monkeypatch):
+    """Over stdio with this venv's server; the state directory is the test's (the server inherits it)."""
+    from kernelexec import Policy
+    from kernelexec.snapshot import store
+
+    state = tmp_path / "state"
+    monkeypatch.setenv("KERNELEXEC_STATE_DIR", str(state))
+    foreign = pause_elsewhere(Policy(image=kernel_image), "z = 'from elsewhere'")
+    looser = pause_elsewhere(Policy(image=kernel_image, memory="2g"), "w = 1")
+    with open(tmp_path / "server.log", "w+") as log:
+        async def main() -> tuple[int, str]:
+            args = [*server_args(kernel_image), "--max-sessions", "3"]
+            async with stdio_session(THIS, args, log) as (client, server_pid):
+                kept = await pause_resume_fork(client, server_pid, docker, state, foreign, looser)
+                return server_pid(), kept
+
+        pid, kept = asyncio.run(main())
+        log.seek(0)
+        assert_quiet(log.read())
+    assert owned(docker, pid) == NOTHING
+    # the sessions paused when the server stopped are still paused, held by nobody: a later server resumes them
+    assert sorted((p.id, p.holder) for p in store.paused(state)) == sorted([(kept, None), (looser, None)])

@@ -16,7 +16,7 @@ from .conftest import ROOT
 FILES = ["tests/integrations/test_mcp.py", "tests/integrations/previous/test_ag2_classic.py", "tests/test_notebooks.py"]
 #: what must have run there (a test that was not collected would otherwise pass unnoticed)
 MUST_PASS = {"test_mcp.test_stdio", "test_mcp.test_stdio_server_of_the_other_major", "test_mcp.test_http_two_clients",
-             "test_mcp.test_quiet_server_without_notebook_dir",
+             "test_mcp.test_quiet_server_without_notebook_dir", "test_mcp.test_pause_resume_fork",
              "test_ag2_classic.test_executor_protocol",
              "test_ag2_classic.test_user_proxy_runs_a_scripted_assistant_in_one_kernel",
              "test_notebooks.test_host_side_notebook_runs[ag2_two_agents]"}
