@@ -49,6 +49,18 @@ class KernelGone(Exception):
         self.closed = closed
 
 
+def _lost(closed: ChannelsClosed) -> KernelGone | ProtocolError:
+    """What a closed transport means to the session. The transport caught the kernel sending what no
+    Jupyter message can be (``closed.violation``, in this client's parser's words): ProtocolError, as
+    when the parser refuses a message itself, so the session ends the same on every transport and
+    never tries to resume a kernel that broke the protocol. Anything else: KernelGone."""
+    if closed.violation is None:
+        return KernelGone(closed.reason, closed)
+    error = ProtocolError(closed.violation)
+    error.__cause__ = closed
+    return error
+
+
 @dataclass
 class Callbacks:
     on_stdout: Callable[[str], None] | None = None
@@ -252,7 +264,7 @@ class KernelClient:
         except asyncio.CancelledError:
             raise
         except ChannelsClosed as e:
-            self._fail(KernelGone(e.reason, e))
+            self._fail(_lost(e))
         except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
             self._fail(e)
 
@@ -274,13 +286,13 @@ class KernelClient:
         except asyncio.CancelledError:
             raise
         except ChannelsClosed as e:
-            self._fail(KernelGone(e.reason, e))
+            self._fail(_lost(e))
         except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
             self._fail(e)
 
     async def _watch(self) -> None:
         closed = await self._channels.wait_closed()
-        self._fail(KernelGone(closed.reason, closed))
+        self._fail(_lost(closed))
 
     def _fail(self, error: BaseException) -> None:
         if self._gone is None:
@@ -310,7 +322,7 @@ class KernelClient:
             await self._channels.send(channel, frames)
         except ChannelsClosed as e:
             self._replies.pop(msg_id, None)
-            gone = KernelGone(e.reason, e)
+            gone = _lost(e)
             self._fail(gone)
             raise gone from e
         return msg_id, fut

@@ -130,17 +130,33 @@ def _load(frame: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+def shape_error(frames: int, delimiter: int | None) -> str | None:
+    """Why a message of ``frames`` frames whose ``<IDS|MSG>`` delimiter is at index ``delimiter``
+    (``None``: not among the first ``MAX_IDENTITIES + 1``) cannot be a Jupyter message, in the words
+    :func:`parse` raises; ``None`` when its shape is sound.
+
+    One wording for both transports: on attach the relay refuses messages it cannot frame (no
+    delimiter, too many parts) before they reach :func:`parse`, reports only their shape, and the
+    host words it here (see ``ChannelsClosed.violation``)."""
+    if delimiter is None or not 0 <= delimiter <= MAX_IDENTITIES:
+        return "the kernel sent a message without the <IDS|MSG> delimiter"
+    after = frames - delimiter - 1
+    if after < 5:
+        return f"the kernel sent a message with {after} frames after the delimiter; 5 needed"
+    if after > 5 + MAX_BUFFERS:
+        return f"the kernel sent a message with {after - 5} buffers; at most {MAX_BUFFERS}"
+    return None
+
+
 def parse(signer: Signer, frames: Sequence[bytes]) -> Message:
     """Check and decode one multipart message from the kernel."""
-    try:
-        idx = list(frames[: MAX_IDENTITIES + 1]).index(DELIM)
-    except ValueError:
-        raise ProtocolError("the kernel sent a message without the <IDS|MSG> delimiter") from None
+    head = list(frames[: MAX_IDENTITIES + 1])
+    idx = head.index(DELIM) if DELIM in head else None
+    why = shape_error(len(frames), idx)
+    if why is not None:
+        raise ProtocolError(why)
+    assert idx is not None  # a sound shape has its delimiter
     rest = frames[idx + 1:]
-    if len(rest) < 5:
-        raise ProtocolError(f"the kernel sent a message with {len(rest)} frames after the delimiter; 5 needed")
-    if len(rest) > 5 + MAX_BUFFERS:
-        raise ProtocolError(f"the kernel sent a message with {len(rest) - 5} buffers; at most {MAX_BUFFERS}")
     signature, parts = bytes(rest[0]), [bytes(p) for p in rest[1:5]]
     if not signer.verify(signature, parts):
         raise ProtocolError("the kernel sent a message with a wrong HMAC signature")

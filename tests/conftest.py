@@ -11,13 +11,15 @@ another transport deselect them by that marker (``-m "not ipc"``), never by a sk
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -176,6 +178,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if DOCKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.docker)
+
+
+T = TypeVar("T")
+
+
+def run_alone(coro: Awaitable[T], timeout: float = 60.0) -> T:
+    """Run a pure test's coroutine, bounded by ``timeout`` so that a broken transport fails the test
+    instead of hanging it; it must leave no task behind."""
+
+    async def bounded() -> T:
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        finally:
+            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            assert not left, f"tasks left behind: {left}"
+
+    return asyncio.run(bounded())
 
 
 #: What asyncio logs when a task or future ends with nobody to hear it: an error lost.

@@ -16,6 +16,7 @@ from kernelexec.backend.attach.zmtp import (
     GREETING,
     SUBSCRIBE_ALL,
     Reader,
+    Refused,
     ZmtpError,
     command,
     encode,
@@ -27,8 +28,8 @@ from kernelexec.backend.attach.zmtp import (
 PART = 1 << 20
 
 
-def reader(max_parts: int = 16, max_message: int = 4 << 20) -> Reader:
-    r = Reader(PART, max_parts, max_message)
+def reader(max_parts: int = 16, max_message: int = 4 << 20, mark: bytes | None = None) -> Reader:
+    r = Reader(PART, max_parts, max_message, mark=mark)
     r.feed(GREETING)
     assert r.next() == ("greeting", (3, 0))
     return r
@@ -86,16 +87,43 @@ def test_a_part_over_the_bound_is_skipped_unbuffered_and_refused_once() -> None:
         assert r.next() is None
         assert r.buffered < 1024  # never held
     r.feed(b"\x00\x03end" + b"".join(encode([b"next", b"ok"])))
-    assert drain(r) == [("refused", f"a message part larger than max_message_bytes ({PART} bytes)"),
+    assert drain(r) == [("refused", Refused("part", f"a message part larger than max_message_bytes ({PART} bytes)",
+                                            3, None)),
                         ("message", [b"next", b"ok"])]
 
 
 def test_too_many_parts_or_bytes_are_refused_and_the_stream_continues() -> None:
     r = reader(max_parts=3, max_message=1000)
     r.feed(b"".join(encode([b"a"] * 5)) + b"".join(encode([b"x" * 600, b"y" * 600])) + b"".join(encode([b"fine"])))
-    assert drain(r) == [("refused", "a message of more than 3 parts"),
-                        ("refused", "a message larger than 1,000 bytes"),
+    assert drain(r) == [("refused", Refused("parts", "a message of more than 3 parts", 5, None)),
+                        ("refused", Refused("message", "a message larger than 1,000 bytes", 2, None)),
                         ("message", [b"fine"])]
+
+
+@pytest.mark.parametrize("step", [1, 7, 1 << 20])
+def test_a_refused_message_is_counted_whole_and_its_mark_found(step: int) -> None:
+    """What the relay needs to word a message it cannot hold: how many parts it had, where the
+    delimiter was, whatever the cuts; and the count starts afresh for the next message."""
+    r = reader(max_parts=4, mark=b"<IDS|MSG>")
+    wire = b"".join(b"".join(encode(m)) for m in ([b"id", b"<IDS|MSG>"] + [b"b"] * 54, [b"<IDS|MSG>", b"x"],
+                                                   [b"a"] * 9, [b"y"]))
+    got = []
+    for i in range(0, len(wire), step):
+        r.feed(wire[i:i + step])
+        got += drain(r)
+    assert got == [("refused", Refused("parts", "a message of more than 4 parts", 56, 1)),
+                   ("message", [b"<IDS|MSG>", b"x"]),
+                   ("refused", Refused("parts", "a message of more than 4 parts", 9, None)),
+                   ("message", [b"y"])]
+
+
+def test_a_part_over_the_bound_wins_over_a_count_already_broken() -> None:
+    """libzmq drops the connection for a part over MAXMSGSIZE whatever else the message broke: the
+    refusal says so, so the relay reports it as the ipc transport ends."""
+    r = reader(max_parts=2, mark=b"<IDS|MSG>")
+    r.feed(b"".join(encode([b"<IDS|MSG>", b"a", b"b", b"x" * (PART + 1), b"c"])))
+    assert drain(r) == [("refused", Refused("part", f"a message part larger than max_message_bytes ({PART} bytes)",
+                                            5, 0))]
 
 
 @pytest.mark.parametrize("wire,says", [

@@ -25,21 +25,12 @@ from kernelexec.backend.loopback import LoopbackChannels, message
 from kernelexec.errors import ProtocolError, SandboxError
 from kernelexec.protocol import DELIM, Signer, new_key, parse
 
+from .conftest import run_alone
+
 T = TypeVar("T")
 HANG = 20.0
 KEY = new_key()
 SIGNER = Signer(KEY)
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def bounded() -> T:
-        try:
-            return await asyncio.wait_for(coro, 60)
-        finally:
-            left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            assert not left, f"tasks left behind: {left}"
-
-    return asyncio.run(bounded())
 
 
 async def soon(aw: Awaitable[T]) -> T:
@@ -78,7 +69,7 @@ def test_iopub_reaches_every_client_in_order() -> None:
         assert other.dropped["iopub"] == 0
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_replies_go_to_whoever_asked_with_their_tag() -> None:
@@ -106,7 +97,7 @@ def test_replies_go_to_whoever_asked_with_their_tag() -> None:
         assert hub.unroutable == 0
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_stdin_follows_the_execute_request_until_its_reply() -> None:
@@ -131,7 +122,7 @@ def test_stdin_follows_the_execute_request_until_its_reply() -> None:
         assert hub.unroutable == 1 and not other._boxes["stdin"].items
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_a_reply_nobody_asked_for_is_counted_and_dropped() -> None:
@@ -146,7 +137,7 @@ def test_a_reply_nobody_asked_for_is_counted_and_dropped() -> None:
         assert not hub.owner._boxes["shell"].items and not other._boxes["shell"].items
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_a_message_too_malformed_to_route_goes_to_the_owner_who_refuses_it() -> None:
@@ -165,7 +156,7 @@ def test_a_message_too_malformed_to_route_goes_to_the_owner_who_refuses_it() -> 
         assert not other._boxes["shell"].items and hub.unroutable == 0
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_a_client_that_stops_reading_loses_iopub_counted_and_never_holds_the_owner_back() -> None:
@@ -195,7 +186,7 @@ def test_a_client_that_stops_reading_loses_iopub_counted_and_never_holds_the_own
         assert await soon(hub.owner.recv("iopub")) == later
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_an_owner_that_stops_reading_holds_the_kernel_back_and_loses_nothing() -> None:
@@ -222,7 +213,7 @@ def test_an_owner_that_stops_reading_holds_the_kernel_back_and_loses_nothing() -
         await other.close()
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_requests_in_flight_are_bounded_per_client() -> None:
@@ -243,7 +234,7 @@ def test_requests_in_flight_are_bounded_per_client() -> None:
         assert hub.unroutable == 1
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_requests_whose_reply_could_not_come_back_are_refused() -> None:
@@ -266,7 +257,7 @@ def test_requests_whose_reply_could_not_come_back_are_refused() -> None:
         assert kernel.pending_to_kernel("shell") == 0  # nothing refused reached the kernel
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 def test_the_end_delivers_what_came_before_then_closes_every_client() -> None:
@@ -292,7 +283,31 @@ def test_the_end_delivers_what_came_before_then_closes_every_client() -> None:
         await hub.owner.close()
         assert kernel.closed
 
-    run(go())
+    run_alone(go())
+
+
+def test_a_violation_the_transport_caught_reaches_every_client_as_such() -> None:
+    """The attach relay refuses a message no Jupyter client could parse; through the hub each client
+    still learns that the kernel broke the protocol (ChannelsClosed.violation), not only that it went."""
+
+    async def go() -> None:
+        kernel = LoopbackChannels()
+        hub = ChannelHub(kernel)
+        other = hub.join()
+        said = "the kernel sent a message without the <IDS|MSG> delimiter"
+        kernel.end(ChannelsClosed("the kernel broke the protocol's bounds: ...", violation=said))
+        for client in (hub.owner, other):
+            assert (await soon(client.wait_closed())).violation == said
+            for channel in ("iopub", "shell"):
+                with pytest.raises(ChannelsClosed) as e:
+                    await soon(client.recv(channel))
+                assert e.value.violation == said
+            with pytest.raises(ChannelsClosed) as e:
+                await client.send("shell", message(SIGNER, "kernel_info_request")[1])
+            assert e.value.violation == said
+        await hub.owner.close()
+
+    run_alone(go())
 
 
 def test_a_client_leaves_alone_and_the_owner_closes_everything() -> None:
@@ -320,7 +335,7 @@ def test_a_client_leaves_alone_and_the_owner_closes_everything() -> None:
             await soon(third.recv("iopub"))
         await hub.owner.close()  # idempotent
 
-    run(go())
+    run_alone(go())
 
 
 def test_clients_are_bounded() -> None:
@@ -332,7 +347,7 @@ def test_clients_are_bounded() -> None:
             hub.join()
         await hub.owner.close()
 
-    run(go())
+    run_alone(go())
 
 
 # -- the bridge: jupyter_client against host-local sockets --------------------------------------
@@ -429,7 +444,7 @@ def test_jupyter_client_reaches_the_kernel_through_the_bridge() -> None:
         assert not directory.exists()
         assert hub.clients == 0
 
-    run(go())
+    run_alone(go())
 
 
 def test_the_bridge_refuses_what_it_cannot_route_and_goes_on() -> None:
@@ -458,4 +473,4 @@ def test_the_bridge_refuses_what_it_cannot_route_and_goes_on() -> None:
             await bridge.close()
             await hub.owner.close()
 
-    run(go())
+    run_alone(go())

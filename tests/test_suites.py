@@ -21,13 +21,6 @@ from . import suites
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.environ.get("KERNELEXEC_ENGINE_MATRIX"),
                                                    reason="the engine matrix runs with KERNELEXEC_ENGINE_MATRIX=1")]
 
-#: The relay stops these violations before the host parses them, and they reach the session as a closed
-#: transport: KernelDied caused by KernelGone (not ProtocolError), in the relay's words.
-RELAY_REPORTS_VIOLATIONS_AS_GONE = (
-    "attach: the relay detects this violation and the session gets KernelDied from KernelGone('the kernel "
-    "broke the protocol's bounds: ...'), where the ipc transport gives ProtocolError('the kernel sent ...')")
-
-
 #: gVisor findings (Debian's runsc 0.0~20221219.0, registered with --network=none only), grouped.
 NO_SECCOMP = ("runsc applies no OCI seccomp profile unless started with --oci-seccomp (off by default; "
               "/proc/self/status says Seccomp: 0): kernelexec's filter is not in force, so ptrace, io_uring, "
@@ -97,13 +90,7 @@ GVISOR = suites.Suite(
         "tests/test_session.py::test_upload_download_roundtrip_10mb",
         "tests/test_isolation.py::test_container_configuration_is_hardened",
     ],
-    known_failures={
-        "tests/security/test_hostile_kernel.py::test_protocol_violation_ends_the_session_with_a_clear_error"
-        "[no_delimiter]": RELAY_REPORTS_VIOLATIONS_AS_GONE,
-        "tests/security/test_hostile_kernel.py::test_protocol_violation_ends_the_session_with_a_clear_error"
-        "[many_buffers]": RELAY_REPORTS_VIOLATIONS_AS_GONE,
-        **GVISOR_FINDINGS,
-    },
+    known_failures=GVISOR_FINDINGS,
 )
 
 ATTACH_SECURITY = suites.Suite(
@@ -114,12 +101,6 @@ ATTACH_SECURITY = suites.Suite(
         "tests/security/test_host_data.py::test_mountinfo_shows_no_host_path_but_the_socket_dir_and_dockers_own_files",
         "tests/security/test_resources.py::test_flooding_the_containers_stdout_fills_no_host_disk",
     ],
-    known_failures={
-        "tests/security/test_hostile_kernel.py::test_protocol_violation_ends_the_session_with_a_clear_error"
-        "[no_delimiter]": RELAY_REPORTS_VIOLATIONS_AS_GONE,
-        "tests/security/test_hostile_kernel.py::test_protocol_violation_ends_the_session_with_a_clear_error"
-        "[many_buffers]": RELAY_REPORTS_VIOLATIONS_AS_GONE,
-    },
 )
 
 

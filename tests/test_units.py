@@ -12,7 +12,7 @@ import pytest
 from kernelexec import Policy
 from kernelexec.errors import ProtocolError, SandboxError
 from kernelexec.policy import container_config, parse_size, resolve_user
-from kernelexec.protocol import DELIM, Signer, build, parse
+from kernelexec.protocol import DELIM, MAX_IDENTITIES, Signer, build, parse, shape_error
 from kernelexec.results import Execution, MimeBundle, Stream, strip_ansi
 from kernelexec.snapshot import PausedSession
 from kernelexec.sockdir import SocketDir, owner_pid_of
@@ -44,6 +44,22 @@ def test_parse_rejects_wrong_signature_and_shapes():
         parse(good, [DELIM, b"sig", b"{}"])
     with pytest.raises(ProtocolError, match="buffers"):
         parse(good, frames + [b"b"] * 20)
+
+
+@pytest.mark.parametrize("frames", [
+    [b"x", b"y"], [b"i"] * 9 + [DELIM] + [b"p"] * 5, [DELIM, b"sig", b"{}"], [b"id", DELIM] + [b"p"] * 55,
+    [DELIM] + [b"p"] * 5, [b"id", DELIM] + [b"p"] * 13, [b"i"] * 8 + [DELIM] + [b"p"] * 14,
+])
+def test_shape_error_says_what_parse_says_of_the_whole_message(frames):
+    """The attach relay reports only the shape of a message it refused; the host words it with
+    shape_error, which must say what parse says of the message itself."""
+    s = Signer(b"k" * 64)
+    head = frames[:MAX_IDENTITIES + 1]
+    why = shape_error(len(frames), head.index(DELIM) if DELIM in head else None)
+    with pytest.raises(ProtocolError) as e:
+        parse(s, frames)
+    assert str(e.value) == (why or "the kernel sent a message with a wrong HMAC signature")
+    assert shape_error(len(frames), MAX_IDENTITIES + 1) == shape_error(len(frames), None)
 
 
 def test_parse_rejects_deep_nesting_and_non_objects():

@@ -4,7 +4,7 @@
 shared with the container or over the container's attach stream is the backend's business: the
 client sends and receives wire frames and learns of a lost transport from one exception,
 :class:`ChannelsClosed`, whatever the cause (the kernel exited, the relay or the engine went away,
-the peer broke the framing).
+the peer broke the framing, the kernel sent what no Jupyter message can be).
 """
 
 from __future__ import annotations
@@ -31,20 +31,38 @@ class ChannelsClosed(Exception):  # the transport is gone; .reason says why
     ``exit_code`` and ``signal`` say how the kernel ended when the transport learned it. Both
     ``None``: the transport was lost with the kernel possibly still alive (its state too), which a
     transport that can re-attach may recover.
+
+    ``violation`` is set when the transport ended because the kernel sent a message that breaks the
+    Jupyter wire format, caught before it reached the client (the attach relay cannot forward a
+    message it cannot frame): what the kernel sent, in the words of
+    :func:`kernelexec.protocol.shape_error`, the client's own parser. The client then fails as its
+    parser would have, with :class:`~kernelexec.errors.ProtocolError`, so a violation reads the same
+    whichever transport caught it.
     """
 
-    def __init__(self, reason: str, *, exit_code: int | None = None, signal: int | None = None) -> None:
+    def __init__(self, reason: str, *, exit_code: int | None = None, signal: int | None = None,
+                 violation: str | None = None) -> None:
         self.reason = reason
         #: the kernel process's exit status, when it exited normally
         self.exit_code = exit_code
         #: the signal that killed the kernel process, when one did
         self.signal = signal
+        #: what the kernel sent that no Jupyter message can be (``"the kernel sent a message ..."``), when
+        #: that is why the transport ended; the kernel is then not to be trusted again
+        self.violation = violation
         super().__init__(reason)
 
     @property
     def kernel_exited(self) -> bool:
         """True when the kernel itself is known to be gone (its state with it)."""
         return self.exit_code is not None or self.signal is not None
+
+    def again(self) -> ChannelsClosed:
+        """The same end as a fresh exception, for each caller that hears of it (one object raised
+        twice would pile up tracebacks)."""
+        new = ChannelsClosed(self.reason, exit_code=self.exit_code, signal=self.signal, violation=self.violation)
+        new.__cause__ = self.__cause__
+        return new
 
 
 class Channels(abc.ABC):

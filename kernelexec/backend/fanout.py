@@ -54,11 +54,6 @@ MAX_CLIENTS = 8
 STALL = 5.0
 
 
-def _again(e: ChannelsClosed) -> ChannelsClosed:
-    """A fresh exception per raise (one object raised twice piles up tracebacks)."""
-    return ChannelsClosed(e.reason, exit_code=e.exit_code, signal=e.signal)
-
-
 class Mailbox(Generic[T]):
     """A bounded FIFO for one reader and one writer that can fail or be shut.
 
@@ -93,7 +88,7 @@ class Mailbox(Generic[T]):
     async def get(self) -> T:
         while not self.items:
             if self.error is not None:
-                raise _again(self.error)
+                raise self.error.again()
             self._readable.clear()
             await self._readable.wait()
         item = self.items.popleft()
@@ -220,7 +215,7 @@ class ChannelHub:
     def join(self, *, stall: float = STALL) -> SharedChannels:
         """Another client's channels to the kernel; close them to leave."""
         if self._error is not None:
-            raise _again(self._error)
+            raise self._error.again()
         if len(self._clients) >= MAX_CLIENTS:
             raise SandboxError(f"a kernel's channels are shared by at most {MAX_CLIENTS} clients; close one first "
                                "(one bridge serves any number of Jupyter clients)")
@@ -253,9 +248,9 @@ class ChannelHub:
         if channel not in SENDABLE:
             raise ValueError(f"cannot send on {channel!r}; one of {', '.join(SENDABLE)}")
         if client._left is not None:
-            raise _again(client._left)
+            raise client._left.again()
         if self._error is not None:
-            raise _again(self._error)
+            raise self._error.again()
         msg_id = None
         if channel in REQUESTS:
             try:

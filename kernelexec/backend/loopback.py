@@ -36,7 +36,7 @@ class LoopbackChannels(Channels):
         if channel not in self._to_kernel:
             raise ValueError(f"cannot send on {channel!r}")
         if self._ended.done():
-            raise ChannelsClosed(self._ended.result().reason)
+            raise self._ended.result().again()
         box = self._to_kernel[channel]
         await box.room()
         box.put(list(frames))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...dockerapi import close_stream
+from ...protocol import shape_error
 from ..base import ByteStream, Channels, ChannelsClosed
 from ..streams import HandlerTasks
 from .framing import (
@@ -122,7 +123,7 @@ class _Box:
     async def get(self) -> list[bytes]:
         while not self.items:
             if self.error is not None:
-                raise _again(self.error)
+                raise self.error.again()
             fut = asyncio.get_running_loop().create_future()
             self.getters.append(fut)
             try:
@@ -143,13 +144,6 @@ class _Box:
                 if not fut.done():
                     fut.set_result(None)
             waiters.clear()
-
-
-def _again(e: ChannelsClosed) -> ChannelsClosed:
-    """A fresh exception per raise (one object raised twice would pile up tracebacks)."""
-    new = ChannelsClosed(e.reason, exit_code=e.exit_code, signal=e.signal)
-    new.__cause__ = e.__cause__
-    return new
 
 
 class AttachChannels(Channels):
@@ -266,13 +260,14 @@ class AttachChannels(Channels):
         What the relay sent while nobody was attached is gone (the engine drops it): the result
         says how many frames, and the caller reports its requests in flight as lost. Raises
         :class:`ChannelsClosed` when the kernel has exited or broke the protocol's bounds (a kernel
-        not to be trusted again), or when the relay does not answer.
+        not to be trusted again; ``violation`` is set when it sent what no Jupyter message can be), or
+        when the relay does not answer.
         """
         if self._closed:
             raise ChannelsClosed("the channels were closed by this host")
         final = self._exited or self._violated
         if final is not None:
-            raise _again(final)
+            raise final.again()
         await self._stop_tasks()
         lost_streams = list(self._net.values())
         for stream in lost_streams:  # bytes of theirs were in what the engine dropped: their place is lost
@@ -329,7 +324,7 @@ class AttachChannels(Channels):
     async def _write(self, frame_at: Callable[[int], list[bytes]]) -> None:
         """One frame, numbered in the order frames leave (``frame_at(seq)`` encodes it)."""
         if self._error is not None:
-            raise _again(self._error)
+            raise self._error.again()
         async with self._lock:
             chunks = frame_at(self._seq)
             self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -340,7 +335,7 @@ class AttachChannels(Channels):
                 closed = ChannelsClosed(f"the attach connection failed while sending: {e}")
                 closed.__cause__ = e
                 self._fail(closed)
-                raise _again(closed) from e
+                raise closed.again() from e
 
     def _fail(self, error: ChannelsClosed) -> None:
         if self._error is not None:
@@ -353,9 +348,9 @@ class AttachChannels(Channels):
         for box in self._boxes.values():
             box.fail(error)
         if not self._hello.done():
-            self._hello.set_exception(_again(error))
+            self._hello.set_exception(error.again())
         if self._resync is not None and not self._resync[1].done():
-            self._resync[1].set_exception(_again(error))
+            self._resync[1].set_exception(error.again())
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -484,7 +479,14 @@ class AttachChannels(Channels):
             self._fail(self._exited)
             return
         if kind == "violation":
-            self._violated = ChannelsClosed(f"the kernel broke the protocol's bounds: {str(msg.get('reason'))[:500]}")
+            # The relay runs in the sandbox: code that took over the kernel may have subverted it, or (under
+            # a runtime that does not honour its PR_SET_DUMPABLE, gVisor) write frames into its stream. So a
+            # notice is believed only as far as ending the session, which closing the stream would do
+            # anyway: it cannot resume, restart or reach anything. Its text is cut and kept as the relay's
+            # account; the violation the client raises (ProtocolError) is worded here from a shape checked
+            # here (_kernel_sent), never taken from the relay's text.
+            self._violated = ChannelsClosed(f"the kernel broke the protocol's bounds: {str(msg.get('reason'))[:500]}",
+                                            violation=_kernel_sent(msg.get("shape")))
             self._fail(self._violated)
             return
         if kind == "desync":
@@ -601,6 +603,21 @@ class _NetStream(ByteStream):
         except ChannelsClosed as e:
             self.reset()
             raise ConnectionResetError(f"the sandbox's stream is gone: {e.reason}") from e
+
+
+def _kernel_sent(shape: Any) -> str | None:
+    """What the kernel sent, in the words of the host's parser, from the shape of a message the relay
+    refused (``{"frames": n, "delimiter": i or null}``); None when there is no shape, when it is not one
+    a message can have, or when the parser would have taken a message of that shape (then the notice
+    is only the relay's bound, reported as such)."""
+    if not isinstance(shape, dict):
+        return None
+    frames, delimiter = shape.get("frames"), shape.get("delimiter")
+    if type(frames) is not int or not 0 < frames < 1 << 32:  # a ZMTP message's parts, counted by the relay
+        return None
+    if delimiter is not None and (type(delimiter) is not int or not 0 <= delimiter < frames):
+        return None
+    return shape_error(frames, delimiter)
 
 
 def _closed(reason: str, cause: BaseException) -> ChannelsClosed:

@@ -38,6 +38,7 @@ from ...policy import (
     parse_size,
     sandbox_env,
 )
+from ...protocol import MAX_IDENTITIES
 from ...sockdir import CONNECTION_FILE
 from .. import engines
 from ..base import Channels, ChannelsClosed
@@ -115,6 +116,7 @@ def boot_message(policy: Policy, key: bytes, session_id: str) -> bytes:
         "files": files, "argv": kernel_argv(policy), "limits": limits_for(policy).to_dict(),
         "orphan_timeout": policy.orphan_timeout,
         "egress_port": EGRESS_PORT if policy.egress else 0,
+        "delimiter_within": MAX_IDENTITIES + 1,  # where the host's parser looks for <IDS|MSG>
     }
     return encode_boot({"relay": _source("relay.py"), "framing": _source("framing.py"), "zmtp": _source("zmtp.py"),
                         "config": config})

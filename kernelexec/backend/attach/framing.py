@@ -33,7 +33,11 @@ credit-based flow control per connection (a side sends at most ``NET_WINDOW`` by
 not acknowledged), so one connection can neither starve the kernel's channels nor grow a buffer.
 
 Before any frame, the host sends the bootstrap hello (:func:`encode_boot`): ``b"KXB1"``, a
-4-byte length and a JSON document, read by the few lines of ``relay.BOOTSTRAP``.
+4-byte length and a JSON document, read by the few lines of ``relay.BOOTSTRAP``. The hello carries
+this file's source, which the relay runs: both ends always speak the same version of the framing and
+of the link messages (``VERSION`` tells a stream that is not this framing at all). A link message is
+one JSON object of a known ``type`` (an unknown type is refused); since both ends run one source,
+a field added to a known type (``shape`` on ``violation``) needs no new version.
 """
 
 from __future__ import annotations
@@ -91,8 +95,10 @@ NET_MAX_CONNECTIONS = 64
 
 #: Link messages, both directions. hello (relay: up), keepalive (host: ping, relay: echo), resync
 #: (host: nonce, relay: the same nonce), bye (host: end the sandbox), signal (host: signal the
-#: kernel), exit (relay: the kernel's status), violation (relay: the kernel broke a bound),
-#: desync (relay: what this host sent did not decode).
+#: kernel), exit (relay: the kernel's status), violation (relay: the kernel broke a bound, ``reason``
+#: in the relay's words; with ``shape``, ``{"frames": n, "delimiter": i or null}``, when the message
+#: could not be a Jupyter message: the host words that as its parser would, see
+#: ``kernelexec.protocol.shape_error``), desync (relay: what this host sent did not decode).
 LINK_TYPES = frozenset({"hello", "keepalive", "resync", "bye", "signal", "exit", "violation", "desync"})
 LOG_SOURCES = frozenset({b"stdout", b"stderr", b"relay"})
 

@@ -19,6 +19,9 @@ What the relay does, in one thread around one ``select.poll``:
   itself (:mod:`.zmtp`: no libzmq io thread between the kernel and the stream), and forwards
   messages both ways, framed (:mod:`.framing`); kernel output waits in a bounded queue, beyond
   which the relay stops reading the kernel (backpressure down to the kernel's IOPub);
+* reports what the kernel sent over a bound as a ``violation`` link message, and a message it
+  cannot frame (no ``<IDS|MSG>`` delimiter, too many parts) with its shape (parts, delimiter), so
+  that the host says what the kernel sent in its own parser's words, as on the ipc transport;
 * forwards the kernel's own stdout/stderr on the bounded ``log`` channel;
 * with egress (``Policy.egress``), listens on the loopback egress port before the kernel starts
   (so no code can take it) and carries each connection on the ``net`` channel, credit-bounded
@@ -109,6 +112,9 @@ def main(boot: dict[str, Any]) -> None:
     zmtp = load("zmtp")
     cfg = boot["config"]
     limits = framing.Limits.from_dict(cfg["limits"])
+    # the delimiter must be among a message's first parts (routing identities before it), as the
+    # host's parser has it (kernelexec.protocol.MAX_IDENTITIES + 1)
+    window = int(cfg["delimiter_within"])
     orphan_timeout = float(cfg["orphan_timeout"])
     directory = cfg["dir"]
 
@@ -177,6 +183,15 @@ def main(boot: dict[str, Any]) -> None:
 
     def link(message: dict[str, Any]) -> None:
         emit(framing.encode_link(state["seq"], message, limits))
+
+    def violation(reason: str, frames: int | None = None, delimiter: int | None = None) -> None:
+        """Tell the host the kernel broke a bound; the host ends the session. ``frames``: the message
+        could not be a Jupyter message; it had that many parts, its delimiter at ``delimiter`` (None:
+        not among the first ``window``), and the host words what the kernel sent from that."""
+        message: dict[str, Any] = {"type": "violation", "reason": reason}
+        if frames is not None:
+            message["shape"] = {"frames": frames, "delimiter": delimiter}
+        link(message)
 
     def flush() -> bool:
         """Write what fits now; True when nothing is left."""
@@ -278,7 +293,8 @@ def main(boot: dict[str, Any]) -> None:
             return
         p["sock"] = sock
         p["fd"] = sock.fileno()
-        p["reader"] = zmtp.Reader(limits.max_frame_bytes, limits.max_frames + 9, limits.max_body_bytes + (64 << 10))
+        p["reader"] = zmtp.Reader(limits.max_frame_bytes, limits.max_frames + window,
+                                  limits.max_body_bytes + (64 << 10), mark=framing.DELIM)
         p["out"] = bytearray(hellos[channel])
         p["ready"] = False
         p["retry"] = 0.0
@@ -297,7 +313,7 @@ def main(boot: dict[str, Any]) -> None:
         p.update(sock=None, fd=-1, reader=None, out=bytearray(), ready=False, flags=0, retry=now + RETRY,
                  stalled=False)
         if why:
-            link({"type": "violation", "reason": f"the kernel's {names[channel]} socket broke ZMTP: {why}"})
+            violation(f"the kernel's {names[channel]} socket broke ZMTP: {why}")
         else:
             suspect.setdefault(names[channel], now + DISCONNECT_GRACE)
 
@@ -521,19 +537,18 @@ def main(boot: dict[str, Any]) -> None:
 
     def kernel_message(channel: int, parts: list[bytes]) -> None:
         try:
-            i = parts.index(framing.DELIM, 0, 9)
+            i = parts.index(framing.DELIM, 0, window)
         except ValueError:
-            link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message without "
-                                                 "the <IDS|MSG> delimiter"})
+            violation(f"the kernel sent a {names[channel]} message without the <IDS|MSG> delimiter", len(parts))
             return
         # an idle status ends an execution (the client waits for it): it leaves at once, with what was held
         urgent = channel != framing.IOPUB or (
             len(parts) > i + 5 and b'"status"' in parts[i + 2] and b'"idle"' in parts[i + 5])
         try:
             emit(framing.encode(channel, state["seq"], parts[i:] if i else parts, limits), urgent)
-        except framing.FramingError as e:
-            link({"type": "violation", "reason": f"the kernel sent a {names[channel]} message that breaks "
-                                                 f"the bounds: {e}"})
+        except framing.FramingError as e:  # too many parts ("count"): no Jupyter message has that many
+            violation(f"the kernel sent a {names[channel]} message that breaks the bounds: {e}",
+                      len(parts) if e.kind == "count" else None, i)
 
     def from_kernel(channel: int, now: float) -> None:
         """Decode what the kernel sent, reading more while the output queue has room."""
@@ -571,8 +586,10 @@ def main(boot: dict[str, Any]) -> None:
                     continue
                 hang_up(channel, now, "a message before its READY")
                 return
-            if kind == "refused":
-                link({"type": "violation", "reason": f"the kernel sent on {names[channel]} {value}"})
+            if kind == "refused":  # skipped, not held; too many parts is a shape the host can word
+                at = value.mark_at if value.mark_at is not None and value.mark_at < window else None
+                violation(f"the kernel sent on {names[channel]} {value.why}",
+                          value.parts if value.bound == "parts" else None, at)
             elif kind == "command":
                 name, data = value
                 if name == b"READY" and not p["ready"]:
@@ -707,8 +724,7 @@ def main(boot: dict[str, Any]) -> None:
         for name, at in list(suspect.items()):
             if now >= at:
                 reap()  # an exit explains it (and does not return)
-                link({"type": "violation", "reason": f"the kernel's {name} socket closed its connection while "
-                                                     "the kernel runs"})
+                violation(f"the kernel's {name} socket closed its connection while the kernel runs")
                 del suspect[name]
         if out:
             if state["urgent"] or state["queued"] >= HOLD_BYTES or (state["hold"] and now >= state["hold"]):

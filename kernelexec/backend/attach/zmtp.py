@@ -20,12 +20,16 @@ The relay greets as 3.0 so that the kernel's XPUB takes the subscription as a me
 byte is 1 (3.1 peers use a SUBSCRIBE command instead).
 
 The kernel is hostile: :class:`Reader` checks each frame's size before it buffers it, and a message
-over its bounds is skipped, not held, and reported as refused.
+over its bounds is skipped, not held, and reported as refused with its shape (how many parts it had,
+where a given part was), which is all the relay needs to say what the kernel sent.
 """
 
 from __future__ import annotations
 
-__all__ = ["GREETING", "SUBSCRIBE_ALL", "Reader", "ZmtpError", "command", "encode", "pong", "properties", "ready"]
+from typing import NamedTuple
+
+__all__ = ["GREETING", "SUBSCRIBE_ALL", "Reader", "Refused", "ZmtpError", "command", "encode", "pong", "properties",
+           "ready"]
 
 MORE = 0x01
 LONG = 0x02
@@ -38,6 +42,22 @@ MAX_COMMAND = 64 << 10
 
 class ZmtpError(Exception):
     """The peer broke ZMTP: the connection cannot continue."""
+
+
+class Refused(NamedTuple):
+    """A message over the reader's bounds: skipped, not held, its shape counted on the way."""
+
+    #: the bound it broke: "part" (a part over ``max_part``), "parts" (more than ``max_parts``) or
+    #: "message" (more than ``max_message`` bytes). A part over ``max_part`` is reported as such even
+    #: after the message broke another bound: it is the bound a ZMTP peer (libzmq's MAXMSGSIZE)
+    #: enforces by dropping the connection, and the relay reports it as the ipc transport would
+    bound: str
+    #: the bound broken, in words
+    why: str
+    #: how many parts the whole message had
+    parts: int
+    #: where the reader's ``mark`` first was among the parts read before the refusal, if there
+    mark_at: int | None
 
 
 def _head(flags: int, size: int) -> bytes:
@@ -100,21 +120,28 @@ class Reader:
     """The bytes from one peer, cut into its greeting, commands and messages.
 
     :meth:`next` returns ``None`` (feed more), ``("greeting", (major, minor))``,
-    ``("command", (name, data))``, ``("message", parts)`` or ``("refused", why)`` for a message
-    over the bounds, whose bytes were skipped. It raises :class:`ZmtpError` when the peer broke
-    the protocol. It never holds more than one message within its bounds plus what was fed.
+    ``("command", (name, data))``, ``("message", parts)`` or ``("refused", Refused(...))`` for a
+    message over the bounds, whose bytes were skipped. It raises :class:`ZmtpError` when the peer
+    broke the protocol. It never holds more than one message within its bounds plus what was fed.
+
+    ``mark``: a part to locate in refused messages (the relay gives Jupyter's ``<IDS|MSG>``), so that
+    the shape of a message too big to hold can still be told.
     """
 
-    def __init__(self, max_part: int, max_parts: int, max_message: int) -> None:
+    def __init__(self, max_part: int, max_parts: int, max_message: int, *, mark: bytes | None = None) -> None:
         self.max_part = max_part
         self.max_parts = max_parts
         self.max_message = max_message
+        self.mark = mark
         self._buf = bytearray()
         self._pos = 0
         self._greeted = False
         self._parts: list[bytes] = []
         self._size = 0
+        self._count = 0  # parts of the current message so far, held or skipped
         self._refusing = ""  # why the message being skipped is refused
+        self._bound = ""  # which bound it broke
+        self._mark_at: int | None = None
         self._skip = 0  # bytes of a refused part still to come
         self._refused_done = False  # the refused message ended; report it once its bytes are skipped
 
@@ -130,17 +157,26 @@ class Reader:
         if data:
             self._buf += data
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, bound: str, why: str) -> None:
+        if not self._refusing:
+            mark = self.mark
+            self._mark_at = self._parts.index(mark) if mark is not None and mark in self._parts else None
         self._refusing = why
+        self._bound = bound
         self._parts = []
         self._size = 0
+
+    def _refused(self) -> tuple[str, Refused]:
+        """The refused message that just ended, and a clean slate for the next one."""
+        done = Refused(self._bound, self._refusing, self._count, self._mark_at)
+        self._refusing, self._bound, self._mark_at, self._count, self._refused_done = "", "", None, 0, False
+        return ("refused", done)
 
     def next(self) -> tuple[str, object] | None:
         if self._skip:
             return None
         if self._refused_done:
-            why, self._refusing, self._refused_done = self._refusing, "", False
-            return ("refused", why)
+            return self._refused()
         buf = self._buf
         pos = self._pos
         try:
@@ -187,14 +223,15 @@ class Reader:
                     if 1 + n > size:
                         raise ZmtpError("a command whose name runs past it")
                     return ("command", (body[1:1 + n], body[1 + n:]))
-                if not self._refusing:
-                    if size > self.max_part:
-                        self._refuse(f"a message part larger than max_message_bytes ({self.max_part} bytes)")
-                    elif len(self._parts) >= self.max_parts:
-                        self._refuse(f"a message of more than {self.max_parts} parts")
+                if size > self.max_part and self._bound != "part":
+                    self._refuse("part", f"a message part larger than max_message_bytes ({self.max_part} bytes)")
+                elif not self._refusing:
+                    if len(self._parts) >= self.max_parts:
+                        self._refuse("parts", f"a message of more than {self.max_parts} parts")
                     elif self._size + size > self.max_message:
-                        self._refuse(f"a message larger than {self.max_message:,} bytes")
+                        self._refuse("message", f"a message larger than {self.max_message:,} bytes")
                 if self._refusing:
+                    self._count += 1
                     pos += head
                     take = min(size, len(buf) - pos)
                     pos += take
@@ -204,8 +241,7 @@ class Reader:
                     if self._skip:
                         return None
                     if self._refused_done:
-                        why, self._refusing, self._refused_done = self._refusing, "", False
-                        return ("refused", why)
+                        return self._refused()
                     continue
                 if avail < head + size:
                     return None
@@ -216,9 +252,11 @@ class Reader:
                     parts.append(part)
                     self._parts = []
                     self._size = 0
+                    self._count = 0
                     return ("message", parts)
                 self._parts.append(part)
                 self._size += size
+                self._count += 1
         finally:
             if pos >= len(buf):
                 buf.clear()
