@@ -23,13 +23,14 @@ from typing import Any
 from kernelexec import __version__
 from kernelexec.dockerapi import api
 
-from . import concurrency, density, egress, report, roundtrip, startup, transports
+from . import concurrency, density, egress, report, roundtrip, snapshots, startup, transports
 from .local_kernel import ipykernel_version
 
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
 README_START, README_END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
-SECTIONS = ["roundtrip", "startup", "warm", "transports", "audit", "density", "concurrency", "egress", "peers"]
+SECTIONS = ["roundtrip", "startup", "warm", "transports", "audit", "density", "concurrency", "egress", "snapshots",
+            "peers"]
 
 
 def log(line: str) -> None:
@@ -83,6 +84,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         r["egress"] = await egress.run(50, 3 if quick else 10, log)
         # sync sessions (a loop thread of their own), so off this loop
         r["egress"]["sessions"] = await asyncio.to_thread(egress.sessions, 50, 3, log)
+    if "snapshots" in wanted:
+        r["snapshots"] = await snapshots.run(3 if quick else 10, log)
     if "peers" in wanted:
         from . import peers
 

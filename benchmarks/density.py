@@ -55,15 +55,19 @@ def _shims(container_ids: set[str]) -> list[int]:
     return pids
 
 
-async def _container_stats(cid: str) -> tuple[int, int]:
-    """(working-set bytes, CPU nanoseconds so far) from the engine's cgroup stats."""
-    stats = await api().call("GET", f"/containers/{cid}/stats", params={"stream": "false", "one-shot": "true"},
-                             what="container stats")
+def working_set(stats: dict[str, Any]) -> int:
+    """The container's memory as ``docker stats`` shows it: cgroup usage minus the inactive page cache."""
     mem = stats.get("memory_stats") or {}
     inner = mem.get("stats") or {}
     cache = inner.get("total_inactive_file", inner.get("inactive_file", inner.get("cache", 0)))
+    return int(mem.get("usage", 0)) - int(cache)
+
+
+async def _container_stats(cid: str) -> tuple[int, int]:
+    """(working-set bytes, CPU nanoseconds so far) from the engine's cgroup stats."""
+    stats = await api().stats(cid)
     cpu = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage", 0)
-    return int(mem.get("usage", 0)) - int(cache), int(cpu)
+    return working_set(stats), int(cpu)
 
 
 async def _all_stats(sessions: list[AsyncSession]) -> list[tuple[int, int]]:

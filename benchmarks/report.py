@@ -179,6 +179,10 @@ def markdown(r: dict[str, Any]) -> str:
         from .egress import markdown as egress_md
 
         lines += egress_md(r["egress"])
+    if r.get("snapshots"):
+        from .snapshots import markdown as snapshots_md
+
+        lines += snapshots_md(r["snapshots"])
     lines += ["", "Targets:", "", "| target | measured | goal | |", "|---|---|---|---|"]
     for t in r.get("targets") or []:
         mark = {True: "met", False: "**missed**", None: "not measured"}[t["met"]]

@@ -482,11 +482,16 @@ class DockerAPI:
         finally:
             await self.remove_container(cid)
 
-    async def memory_peak(self, cid: str) -> int | None:
-        """The container's peak memory (cgroup v1 max_usage; current usage on cgroup v2)."""
+    async def stats(self, cid: str) -> dict[str, Any]:
+        """One sample of the container's cgroup figures (``memory_stats``, ``cpu_stats``), as ``docker stats``
+        reads them: one-shot, no stream (and no wait for a second CPU sample)."""
         stats = await self.call("GET", f"/containers/{cid}/stats", params={"stream": "false", "one-shot": "true"},
                                 what="container stats")
-        mem = (stats or {}).get("memory_stats") or {}
+        return dict(stats or {})
+
+    async def memory_peak(self, cid: str) -> int | None:
+        """The container's peak memory (cgroup v1 max_usage; current usage on cgroup v2)."""
+        mem = (await self.stats(cid)).get("memory_stats") or {}
         value = mem.get("max_usage") or mem.get("usage")
         return int(value) if isinstance(value, int) else None
 

@@ -140,3 +140,47 @@ def test_the_committed_results_have_every_section():
     for key, c in configs.items():  # measured in full, or not run with the reason said
         assert c.get("skipped") or (c["roundtrip_ms"]["1+1"]["n"] >= 500 and c["cold_start_s"]["n"] >= 10), key
     assert latest["audit_log"]["with_ms"]["n"] >= 500 and latest["audit_log"]["without_ms"]["n"] >= 500
+
+
+def snapshots(gone: bool = True) -> dict:
+    """``snapshots.run``'s shape: the DataFrame session and the empty one."""
+    def kind(label: str, size: int, seconds: float, mem: float) -> dict:
+        return {"label": label, "snapshot_s": summary([seconds] * 9 + [seconds * 2], 4),
+                "restore_s": summary([seconds * 4] * 10, 4), "first_execute_ms": summary([8.0] * 10, 2),
+                "snapshot_bytes": size, "sections": {"namespace": size - 10240, "work": 10240}, "variables": 4,
+                "lost": [], "idle_mem_mib": mem, "idle_usage_mib": mem + 3,
+                "restored_mem_mib": summary([mem + 1] * 10, 1),
+                "pause": {"pause_s": summary([seconds * 1.1] * 10, 4), "resume_s": summary([seconds * 3] * 10, 4),
+                          "first_execute_ms": summary([6.5] * 10, 2), "snapshot_bytes": size + 60000,
+                          "sections": {"namespace": size - 10240, "work": 10240, "home": 0, "tmp": 60000},
+                          "state_file_bytes": size + 61000, "freed_mem_mib": summary([mem] * 10, 1),
+                          "freed_usage_mib": summary([mem + 3] * 10, 1), "container_gone_after_pause": gone,
+                          "mem_after_pause_mib": 0.0 if gone else None, "idle_mem_mib": mem,
+                          "resumed_mem_mib": summary([mem + 1] * 10, 1)}}
+    return {"runs": 10, "rows": 1_600_000, "columns": 4, "dataframe_bytes": 51_200_000, "settle_s": 1.0,
+            "kinds": {"dataframe": kind("DataFrame", 51_210_240, 0.5, 117.4),
+                      "empty": kind("empty", 10_650, 0.05, 37.6)}}
+
+
+def test_markdown_has_the_snapshot_table_with_both_sessions_side_by_side():
+    r = results(1.6, 4.0)
+    assert "Snapshots:" not in report.markdown(r)  # no snapshot run: no table, nothing invented
+    r["snapshots"] = snapshots()
+    md = report.markdown(r)
+    assert "a 1,600,000 x 4 float64 DataFrame (51.2 MB)" in md and "10 runs each" in md
+    assert "| `snapshot()` | 0.500 s (1.000 / 0.500) | 0.050 s (0.100 / 0.050) |" in md  # p50 (p90 / min)
+    assert ("| snapshot size | 48.8 MiB (namespace 48.8 MiB, work 10.0 KiB) | "
+            "10.4 KiB (namespace 0.4 KiB, work 10.0 KiB) |") in md
+    assert "| `AsyncSession.restore(snapshot)` | 2.000 s (2.000 / 2.000) | 0.200 s (0.200 / 0.200) |" in md
+    assert "| first `execute` after restore | 8.0 ms (8.0 / 8.0) | 8.0 ms (8.0 / 8.0) |" in md
+    assert "| `AsyncSession.resume(id)` | 1.500 s (1.500 / 1.500) | 0.150 s (0.150 / 0.150) |" in md
+    assert "| memory: idle / restored / resumed | 117.4 / 118.4 / 118.4 MiB | 37.6 / 38.6 / 38.6 MiB |" in md
+    assert "| memory freed by `pause()` (container gone after it) | 117.4 MiB | 37.6 MiB |" in md
+    lines = md.splitlines()
+    start = lines.index("| | 50 MB DataFrame | empty session |")
+    rows = lines[start:lines.index("", start)]
+    assert len(rows) == 12 and all(ln.count("|") == 4 for ln in rows)  # what, DataFrame, empty
+    assert "a container was left" not in md
+    r["snapshots"] = snapshots(gone=False)
+    md = report.markdown(r)
+    assert md.count("(**a container was left**)") == 2 and "still there after `pause()`" in md

@@ -85,6 +85,7 @@ def test_audit_log_reads_memory_without_the_stats_endpoint(kernel_image, tmp_pat
     async def tripwire(self, cid):  # ~1 s per call on this engine: must not be on the execute path
         raise AssertionError("the stats endpoint was called during execute()")
 
+    monkeypatch.setattr(DockerAPI, "stats", tripwire)  # what memory_peak reads too
     monkeypatch.setattr(DockerAPI, "memory_peak", tripwire)
     log = tmp_path / "audit.jsonl"
     with Session(Policy(image=kernel_image), audit_log=log) as s:
