@@ -29,7 +29,15 @@ from .backend.base import Channels, EgressHandler
 from .backend.base import Sandbox as BaseSandbox
 from .backend.streams import HandlerTasks
 from .dockerapi import DockerAPIError, NotFound, api, close_stream
-from .errors import DockerUnavailable, ImageNotFound, KernelDied, SandboxError, SandboxLost, SandboxStartError
+from .errors import (
+    DockerUnavailable,
+    ImageNotFound,
+    KernelDied,
+    SandboxError,
+    SandboxLost,
+    SandboxStartError,
+    kernel_out_of_memory,
+)
 from .policy import (
     EGRESS_SOCKET,
     KERNEL_PYTHON,
@@ -289,10 +297,7 @@ class DockerSandbox(BaseSandbox):
                 "cause is the memory limit (an idle kernel needs about 40 MiB; the engine did not report an OOM "
                 "kill). Raise Policy.memory, e.g. to '256m'")
         if died.oom_killed:
-            return SandboxStartError(
-                f"the kernel ran out of memory {when}: Policy.memory={self.policy.memory!r} is too small for "
-                "the kernel itself (an idle kernel needs about 40 MiB, more with large imports and tmpfs files). "
-                "Raise Policy.memory, e.g. to '256m'")
+            return kernel_out_of_memory(self.policy.memory, when)
         return SandboxStartError(
             f"the kernel exited {when} ({died.reason})" + (f"; it said:\n{said}" if said else "")
             + "\nCheck the image with `kernelexec doctor`.")

@@ -535,13 +535,21 @@ async def file_chunks(f: IO[bytes], size: int = _UPLOAD_CHUNK) -> AsyncIterator[
         yield chunk
 
 
+#: how long a TLS connection may take to close cleanly before it is dropped (asyncio would wait 30 s)
+CLOSE_TIMEOUT = 5.0
+
+
 async def close_stream(writer: asyncio.StreamWriter) -> None:
     """Close and wait, so the fd is gone even if the loop stops right after."""
     writer.close()
     try:
-        await writer.wait_closed()
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
     except (ConnectionError, ssl.SSLError):
         pass  # the engine reset (or ended TLS on) a connection we were done with: nothing was lost
+    except (asyncio.TimeoutError, TimeoutError):
+        # TLS close_notify unanswered (the engine dropped the far end, e.g. the container was killed): the
+        # connection is ours to drop, with nothing left to read on it
+        writer.transport.abort()
 
 
 _api: DockerAPI | None = None

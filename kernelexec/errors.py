@@ -74,6 +74,15 @@ class SandboxStartError(SandboxError):
     """The container or the kernel inside it did not come up."""
 
 
+def kernel_out_of_memory(memory: int | str, when: str) -> SandboxStartError:
+    """The start error for a kernel the memory limit killed before it could serve: the limit is too small
+    for the kernel itself, not for any code (none ran yet). One wording for every transport."""
+    return SandboxStartError(
+        f"the kernel ran out of memory {when}: Policy.memory={memory!r} is too small for the kernel itself (an "
+        "idle kernel needs about 40 MiB, more with large imports and tmpfs files). Raise Policy.memory, e.g. to "
+        "'256m'")
+
+
 class ProtocolError(SandboxError):
     """The kernel sent something that breaks the Jupyter protocol or our bounds.
 

@@ -39,6 +39,7 @@ from .errors import (
     SessionClosed,
     SnapshotError,
     SnapshotTooLarge,
+    kernel_out_of_memory,
 )
 from .policy import WORKDIR, Policy, parse_size
 from .precheck import CodePolicy
@@ -215,6 +216,8 @@ class AsyncSession:
             self.kernel_info = await client.wait_ready()
         except (KernelGone, ProtocolError) as e:
             died = await sandbox.death(2.0, cause=str(e))
+            if died.oom_killed:  # on attach the channels are up before the kernel has loaded
+                raise kernel_out_of_memory(self.policy.memory, "while starting") from e
             raise SandboxStartError(f"the kernel ended while starting ({died.reason})") from e
 
     def _egress_handler(self) -> EgressHandler | None:
