@@ -329,7 +329,10 @@ class DockerSandbox(BaseSandbox):
         if self.owner is not None:
             self.owner.close()
         docker = api()
-        for what, remove in ((self.container_id, docker.remove_container), (self.volume, docker.remove_volume)):
+        # a create cancelled in flight (a start that timed out on a slow engine) may have made the container
+        # all the same: it has the session's name, and it holds the volume until it goes
+        container = self.container_id or (self.name if self.volume is not None else None)
+        for what, remove in ((container, docker.remove_container), (self.volume, docker.remove_volume)):
             if what is None:
                 continue
             try:
