@@ -136,7 +136,7 @@ def test_the_committed_results_have_every_section():
     assert [lv["n"] for lv in latest["density"]["levels"]] == [10, 25, 50, 100]
     assert all(latest["roundtrip"][k]["1+1"]["n"] >= 500 for k in ("local_stock", "sandbox_fast"))
     configs = latest["transports"]["configs"]
-    assert set(configs) == {"ipc_runc", "attach_runc", "attach_runsc", "remote_tls"}
+    assert set(configs) == {"ipc_runc", "attach_runc", "attach_runsc", "remote_tls", "remote_ssh"}
     for key, c in configs.items():  # measured in full, or not run with the reason said
         assert c.get("skipped") or (c["roundtrip_ms"]["1+1"]["n"] >= 500 and c["cold_start_s"]["n"] >= 10), key
     assert latest["audit_log"]["with_ms"]["n"] >= 500 and latest["audit_log"]["without_ms"]["n"] >= 500
