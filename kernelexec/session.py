@@ -716,9 +716,8 @@ class AsyncSession:
 
     async def _wake(self) -> None:
         """For calls that do not hold the lock (files): resume a paused session, restart the idle clock."""
-        if self._paused and self._lock is not None:
-            async with self._lock:
-                await self._resume_if_paused()
+        if self._paused:
+            await self.unpause()
         if self._lock is not None:
             self._arm_idle_timer()
 
