@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelexec import __version__
-from kernelexec.dockerapi import api
+from kernelexec.backend.docker.api import api
 
 from . import concurrency, density, egress, report, roundtrip, snapshots, startup, transports
 from .local_kernel import ipykernel_version

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kernelexec import AsyncSession, Policy
-from kernelexec.dockerapi import api
+from kernelexec.backend.docker.api import api
 
 from .stats import summary
 from .util import close_all

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from kernelexec import AsyncSession, Policy
-from kernelexec.dockerapi import api
-from kernelexec.image import image_tag
-from kernelexec.packages import FLAVOURS, build_packages
+from kernelexec.backend.docker.api import api
+from kernelexec.tools.image import image_tag
+from kernelexec.tools.packages import FLAVOURS, build_packages
 
 from .stats import summary
 

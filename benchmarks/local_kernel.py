@@ -16,9 +16,9 @@ from types import TracebackType
 
 from kernelexec import Policy
 from kernelexec.backend.local import LocalSandbox
-from kernelexec.client import KernelClient
+from kernelexec.kernel.client import KernelClient
 from kernelexec.policy import parse_size
-from kernelexec.protocol import new_key
+from kernelexec.kernel.protocol import new_key
 
 
 class LocalKernel:

@@ -23,7 +23,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from kernelexec.image import BASE_TAG, _pip_download, _run, ensure_base_image
+from kernelexec.tools.image import BASE_TAG, _pip_download, _run, ensure_base_image
 
 from .roundtrip import BLOCKS
 from .stats import summary

@@ -1,6 +1,6 @@
 """Round trip of one cell: request sent to the last message (``idle``) received.
 
-Every configuration is driven by the same :class:`kernelexec.client.KernelClient`
+Every configuration is driven by the same :class:`kernelexec.kernel.client.KernelClient`
 code path; a session adds only what ``AsyncSession.execute`` adds on top of it.
 """
 
@@ -12,7 +12,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from kernelexec import AsyncSession, Policy
-from kernelexec.client import Callbacks, KernelClient
+from kernelexec.kernel.client import Callbacks, KernelClient
 
 from .local_kernel import LocalKernel
 from .stats import summary

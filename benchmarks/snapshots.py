@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelexec import AsyncSession, Policy
-from kernelexec.dockerapi import NotFound, api
+from kernelexec.backend.docker.api import NotFound, api
 from kernelexec.snapshot import store
 
 from .density import working_set

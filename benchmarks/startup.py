@@ -6,7 +6,7 @@ import time
 from typing import Any, Callable
 
 from kernelexec import AsyncSession, AsyncSessionPool, Policy
-from kernelexec.client import Callbacks
+from kernelexec.kernel.client import Callbacks
 
 from .local_kernel import LocalKernel
 from .stats import summary

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kernelexec.dockerapi import api
+from kernelexec.backend.docker.api import api
 
 from .stats import summary
 

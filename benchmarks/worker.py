@@ -1,6 +1,6 @@
 """One session configuration in a process of its own, driven one command at a time by the parent.
 
-Why a process per configuration: the engine endpoint is read once per process (``dockerapi.api()``), so a
+Why a process per configuration: the engine endpoint is read once per process (``backend.docker.api.api()``), so a
 remote engine needs its own environment, and giving every configuration the same kind of process keeps the
 comparison fair (same event loop load, same interpreter state). The parent makes them take turns; only one
 worker measures at any time, the others wait on their stdin without blocking their loop (the attach

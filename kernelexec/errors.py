@@ -21,7 +21,7 @@ about a kernel (a bad argument, an engine that cannot be reached)::
     └── SandboxError                            the sandbox, the engine or the kernel misbehaved
         ├── DockerUnavailable           None    the engine cannot be reached
         ├── DockerAPIError              None    the engine answered with an HTTP error, mapped once
-        │                                       in the engine client (dockerapi)
+        │                                       in the engine client (backend.docker.api)
         ├── ImageNotFound, ImageBuildError
         ├── ResponseTooLarge                    an answer over the bound the caller set (a file, /work)
         ├── SandboxStartError           None    the container or its kernel did not come up

@@ -75,7 +75,7 @@ class Policy:
     image: str | None = None
     #: Python packages the kernel needs beyond the image's (requirements such as ``"scikit-learn>=1.4"``):
     #: the session runs a derived image of ``image`` with them, built on first use and then reused
-    #: (see :mod:`kernelexec.packages`). Empty: the image as it is.
+    #: (see :mod:`kernelexec.tools.packages`). Empty: the image as it is.
     packages: tuple[str, ...] = ()
     #: A named package set added the same way: ``"analysis"`` (scipy, scikit-learn, seaborn,
     #: statsmodels, openpyxl, pyarrow). ``None``: none.
@@ -163,7 +163,7 @@ class Policy:
     log_driver: Literal["none", "local"] = "none"
     #: Extra labels for the container (the ``kernelexec.*`` ones are reserved).
     labels: Mapping[str, str] = field(default_factory=dict)
-    #: Run ipykernel through :mod:`kernelexec.kernel_launch`: same protocol, a third of the
+    #: Run ipykernel through :mod:`kernelexec.kernel.launch`: same protocol, a third of the
     #: round trip (no hand-offs to ipykernel's IOPub and shell channel threads, no 0.5 ms sleep
     #: per reply). ``False`` runs the stock ``ipykernel_launcher``, e.g. for a client that needs
     #: kernel subshells (JEP 91), which the fast kernel does not offer.
@@ -203,7 +203,7 @@ class Policy:
     idle_pause: float | None = None
 
     def __post_init__(self) -> None:
-        from .packages import check_requirement, flavour_requirements
+        from .tools.packages import check_requirement, flavour_requirements
 
         if isinstance(self.packages, str):
             raise ValueError(f"Policy.packages is a list of requirements, e.g. ({self.packages!r},), not a string")
@@ -418,7 +418,7 @@ def scratch_dirs(policy: Policy) -> list[ScratchDir]:
 
 def ulimits(policy: Policy) -> dict[str, int]:
     """Resource limits per process (soft = hard), by Docker's names. Kubernetes has no field for
-    them, so a pod sets them itself before the relay starts (:mod:`kernelexec.kubernetes`)."""
+    them, so a pod sets them itself before the relay starts (:mod:`kernelexec.tools.kubernetes`)."""
     fsize = parse_size(policy.max_file_size)
     return {"nofile": policy.nofile, "nproc": policy.nproc, "fsize": fsize, "core": 0}
 
@@ -445,81 +445,6 @@ def sandbox_env(policy: Policy) -> dict[str, str]:
     return env
 
 
-def container_config(
-    policy: Policy,
-    *,
-    image: str,
-    command: list[str],
-    uid: int,
-    gid: int,
-    socket_dir: str,
-    work_volume: str,
-    labels: Mapping[str, str],
-) -> dict[str, Any]:
-    """The Engine API body of ``POST /containers/create`` that enforces ``policy``.
-
-    What is sent here is exactly what ``docker inspect`` shows back, which is
-    what the tests and ``kernelexec audit`` check.
-    """
-    mounts: list[dict[str, Any]] = [
-        {"Type": "bind", "Source": socket_dir, "Target": SOCKET_MOUNT, "ReadOnly": False,
-         "BindOptions": {"Propagation": "rprivate"}},
-        {"Type": "volume", "Source": work_volume, "Target": WORKDIR, "ReadOnly": False},
-    ]
-    if policy.workspace:
-        mounts.append({"Type": "bind", "Source": policy.workspace, "Target": f"{WORKDIR}/host",
-                       "ReadOnly": policy.workspace_read_only, "BindOptions": {"Propagation": "rprivate"}})
-    env = sandbox_env(policy)
-    tmpfs = {d.path: d.tmpfs_options(uid, gid) for d in scratch_dirs(policy)}
-    memory = parse_size(policy.memory)
-    security_opt = ["no-new-privileges:true"] if policy.no_new_privileges else []
-    security_opt += seccomp_options(policy)
-    if apparmor_enabled():
-        security_opt.append(f"apparmor={policy.apparmor}")
-    host_config: dict[str, Any] = {
-        "NetworkMode": policy.network,
-        "ReadonlyRootfs": policy.read_only,
-        "CapDrop": ["ALL"],
-        "CapAdd": list(policy.cap_add) or None,
-        "SecurityOpt": security_opt,
-        "Privileged": False,
-        "Init": True,
-        "IpcMode": "private",
-        "CgroupnsMode": "private",
-        "Memory": memory,
-        "MemorySwap": memory,
-        "NanoCpus": int(policy.cpus * 1e9),
-        "PidsLimit": policy.pids,
-        "Ulimits": [{"Name": name, "Soft": value, "Hard": value} for name, value in ulimits(policy).items()],
-        "ShmSize": parse_size(policy.shm_size),
-        "Tmpfs": tmpfs,
-        "Mounts": mounts,
-        "LogConfig": {"Type": policy.log_driver,
-                      "Config": {"max-size": "1m", "max-file": "1"} if policy.log_driver == "local" else {}},
-        "RestartPolicy": {"Name": "no"},
-        "OomScoreAdj": 500,
-        "AutoRemove": False,
-    }
-    if policy.runtime:
-        host_config["Runtime"] = policy.runtime
-    return {
-        "Image": image,
-        "Cmd": command,
-        "User": f"{uid}:{gid}",
-        "WorkingDir": WORKDIR,
-        "Env": [f"{k}={v}" for k, v in env.items()],
-        "Labels": dict(labels),
-        "Hostname": "sandbox",
-        "StopSignal": "SIGKILL",
-        "AttachStdin": False,
-        "AttachStdout": False,
-        "AttachStderr": False,
-        "OpenStdin": False,
-        "Tty": False,
-        "HostConfig": host_config,
-    }
-
-
 def egress_env() -> dict[str, str]:
     """What points the code's HTTP clients and pip at the egress port, and pip at the site directory.
 
@@ -537,42 +462,4 @@ def egress_env() -> dict[str, str]:
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "PIP_NO_INPUT": "1",
         "PIP_PROGRESS_BAR": "off",
-    }
-
-
-def seccomp_options(policy: Policy) -> list[str]:
-    if policy.seccomp == "kernelexec":
-        from .seccomp import profile_json
-
-        return [f"seccomp={profile_json()}"]
-    if policy.seccomp == "docker-default":
-        return []
-    if policy.seccomp == "unconfined":
-        return ["seccomp=unconfined"]
-    from pathlib import Path
-
-    return [f"seccomp={Path(policy.seccomp).read_text()}"]
-
-
-def apparmor_enabled() -> bool:
-    """Whether the host kernel has AppArmor on (Docker can only apply a profile then)."""
-    try:
-        with open("/sys/module/apparmor/parameters/enabled") as f:
-            return f.read().strip() == "Y"
-    except OSError:
-        return False
-
-
-def work_volume_options(policy: Policy, uid: int, gid: int) -> dict[str, str]:
-    """driver_opts of the per-session working-directory volume.
-
-    A tmpfs volume rather than ``--tmpfs``: with a read-only root filesystem
-    the archive API (upload/download) cannot write into a plain tmpfs mount,
-    but it can into a volume. The size option makes it bounded.
-    """
-    size = parse_size(policy.workdir_size)
-    return {
-        "type": "tmpfs",
-        "device": "tmpfs",
-        "o": f"size={size},uid={uid},gid={gid},mode=0700,noexec,nosuid,nodev",
     }

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from ._loop import LoopThread
 from .auditlog import AuditLog, AuditLogError, code_digest, open_audit_log
 from .backend import Backend, ChannelsClosed, EgressHandler, Sandbox, default_backend
-from .client import Callbacks, KernelClient, KernelGone
 from .errors import (
     CodeTooLarge,
     ExecutionTimeout,
@@ -41,10 +40,13 @@ from .errors import (
     SnapshotTooLarge,
     kernel_out_of_memory,
 )
+from .kernel.client import KernelClient, KernelGone
+from .kernel.image import default_image
+from .kernel.output import Callbacks
+from .kernel.protocol import new_key
 from .policy import WORKDIR, Policy, parse_size
 from .precheck import CodePolicy
 from .profiles import profile_policy, within
-from .protocol import new_key
 from .results import ErrorInfo, Execution, MimeBundle, Stream
 from .snapshot import ops as snapshot_ops
 from .snapshot.format import DIRECTORIES, Snapshot, encode, split_work, work_for_restore
@@ -143,6 +145,7 @@ class AsyncSession:
     def key(self) -> bytes | None:
         """The kernel's HMAC key, for other Jupyter clients of the same kernel (the provisioner)."""
         return self._key
+
     @property
     def alive(self) -> bool:
         return self._client is not None and self._client.alive and self._dead is None
@@ -152,6 +155,12 @@ class AsyncSession:
         """The session's state is in the host's state directory and no container runs; the next call
         resumes it (see :meth:`pause`)."""
         return self._paused
+
+    async def wait_stopped(self) -> int:
+        """Until the kernel's sandbox stops, for a Jupyter client that asked the kernel itself to shut
+        down (the provisioner); its exit status, 0 when there is none."""
+        sandbox = self._sandbox
+        return 0 if sandbox is None else await sandbox.wait_stopped()
 
     async def __aenter__(self) -> AsyncSession:
         await self.start()
@@ -171,7 +180,7 @@ class AsyncSession:
         self.backend.install_exit_hooks()  # here, on the caller's thread: it may be the main one
         if (self.policy.packages or self.policy.image_flavour) and self._derived is None:
             # before the start deadline: a first use builds the image, which takes longer than a start
-            self._derived = await self.backend.image_with(self._image or _default_image(), self.policy.packages,
+            self._derived = await self.backend.image_with(self._image or default_image(), self.policy.packages,
                                                           self.policy.image_flavour)
         try:
             await asyncio.wait_for(self._start(), self.policy.start_timeout)
@@ -191,7 +200,7 @@ class AsyncSession:
 
     async def _start(self) -> None:
         await self.backend.prepare()
-        image = self._derived or self._image or _default_image()
+        image = self._derived or self._image or default_image()
         self._key = key = new_key()
         sandbox = self.backend.new_sandbox(self.policy, image, key, self.id, egress=self._egress_handler())
         self._sandbox = sandbox
@@ -946,13 +955,6 @@ def _without_outputs(ex: Execution, cost: int) -> Execution:
     note = Stream("stderr", f"[kernelexec: the outputs of this execution (about {cost:,} bytes) were dropped "
                             "from the session history to stay within Policy.max_history_bytes]\n")
     return dataclasses.replace(ex, code=code, outputs=[note], outputs_dropped=True)
-
-
-def _default_image() -> str:
-    """``$KERNELEXEC_IMAGE``, else the image built from this version's recipe."""
-    from .image import image_tag
-
-    return os.environ.get("KERNELEXEC_IMAGE") or image_tag()
 
 
 def _in_workdir(path: str) -> PurePosixPath:

@@ -24,7 +24,7 @@ from typing import TypeVar
 import pytest
 
 from kernelexec import Policy, Session
-from kernelexec.sockdir import PREFIX, socket_root
+from kernelexec.backend.sockdir import PREFIX, socket_root
 
 from .sdk import docker_client
 
@@ -76,7 +76,7 @@ def private_state_dir(tmp_path_factory) -> Path:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from kernelexec.engine import default_endpoint
+    from kernelexec.backend.docker.endpoint import default_endpoint
 
     header = [f"kernelexec engine: {default_endpoint().describe()}"]
     if run_policy_defaults():
@@ -86,7 +86,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 def expected_transport() -> str | None:
     """The transport every session of this run must use, when the run decides it."""
-    from kernelexec.engine import default_endpoint
+    from kernelexec.backend.docker.endpoint import default_endpoint
 
     defaults = run_policy_defaults()
     if "transport" in defaults:
@@ -107,7 +107,7 @@ def kernel_image(docker) -> str:
     override = os.environ.get("KERNELEXEC_TEST_IMAGE")
     if override:
         return override
-    from kernelexec.image import build_image, image_present, image_tag
+    from kernelexec.tools.image import build_image, image_present, image_tag
 
     tag = image_tag()
     if not image_present(tag=tag):

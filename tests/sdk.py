@@ -1,7 +1,7 @@
 """The docker SDK (docker-py) for the tests' own look at the engine (containers, volumes, image history).
 
-kernelexec itself talks to the engine only through :mod:`kernelexec.dockerapi`; the tests inspect what it
-did with an independent client, configured from the same :class:`~kernelexec.engine.Endpoint` (the docker
+kernelexec itself talks to the engine only through :mod:`kernelexec.backend.docker.api`; the tests inspect what it
+did with an independent client, configured from the same :class:`~kernelexec.backend.docker.endpoint.Endpoint` (the docker
 CLI's rules, contexts included), not from docker-py's own reading of the environment.
 """
 
@@ -11,8 +11,8 @@ import threading
 from typing import Any
 
 from kernelexec._loop import run_blocking
-from kernelexec.dockerapi import DockerAPI
-from kernelexec.engine import Endpoint, default_endpoint
+from kernelexec.backend.docker.api import DockerAPI
+from kernelexec.backend.docker.endpoint import Endpoint, default_endpoint
 from kernelexec.errors import DockerUnavailable
 
 _lock = threading.Lock()

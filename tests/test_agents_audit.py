@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelexec.agents_audit import audit_agents
+from kernelexec.tools.agents_audit import audit_agents
 
 AGENTS = Path(__file__).parent / "agents"
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The attach transport against the real engine and the real kernel image.
 
 A container created from the policy with nothing of the host mounted, the relay bootstrapped
-over the attach stream as pid 1, and real Jupyter messages (kernelexec.protocol, HMAC) through
+over the attach stream as pid 1, and real Jupyter messages (kernelexec.kernel.protocol, HMAC) through
 AttachChannels. The waits below bound a test that would otherwise hang; none asserts a duration.
 """
 
@@ -18,11 +18,12 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 import pytest
 
 from kernelexec import Policy
-from kernelexec.backend.attach.engine import AttachSandbox, attach, boot_message
+from kernelexec.backend.attach.boot import boot_message
+from kernelexec.backend.docker.attach import AttachSandbox, attach
 from kernelexec.backend.base import Channels, ChannelsClosed
-from kernelexec.container import ConnectionInfo
-from kernelexec.dockerapi import DockerAPI, DockerAPIError, api, close_stream
-from kernelexec.protocol import Message, Signer, build, new_key, parse
+from kernelexec.backend.docker.sandbox import ConnectionInfo
+from kernelexec.backend.docker.api import DockerAPI, DockerAPIError, api, close_stream
+from kernelexec.kernel.protocol import Message, Signer, build, new_key, parse
 
 T = TypeVar("T")
 #: A bound on every wait, so that a broken transport fails the test instead of hanging it.
@@ -474,7 +475,7 @@ def test_a_raw_attach_sees_only_framed_bytes(kernel_image: str) -> None:
                 await api().start(sb.container_id)
                 with pytest.raises(asyncio.TimeoutError):  # nothing before the hello
                     await asyncio.wait_for(reader.read(1), 1.0)
-                writer.write(boot_message(policy, key, sb.conn.session_id))
+                writer.write(boot_message(policy, key))
                 await writer.drain()
                 demux, stdout = DockerDemux(), b""
                 while len(stdout) < len(MAGIC):

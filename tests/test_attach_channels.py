@@ -20,9 +20,9 @@ import pytest
 from kernelexec.backend.attach.channels import AttachChannels
 from kernelexec.backend.attach.framing import Limits, encode_link
 from kernelexec.backend.base import ChannelsClosed
-from kernelexec.client import KernelClient, KernelGone
+from kernelexec.kernel.client import KernelClient, KernelGone
 from kernelexec.errors import ProtocolError
-from kernelexec.protocol import new_key
+from kernelexec.kernel.protocol import new_key
 
 from .conftest import run_alone
 

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from kernelexec import Policy
-from kernelexec.audit import audit_policy, audit_profiles, container_deviations, format_table, run_audit, to_json
-from kernelexec.container import LABEL, LABEL_HOST, LABEL_PID, LABEL_POLICY
+from kernelexec.tools.audit import audit_policy, audit_profiles, container_deviations, format_table, run_audit, to_json
+from kernelexec.backend.docker.sandbox import LABEL, LABEL_HOST, LABEL_PID, LABEL_POLICY
 
 
 def test_default_policy_has_no_policy_findings():

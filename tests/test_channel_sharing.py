@@ -23,7 +23,7 @@ from kernelexec.backend.bridge import JupyterBridge
 from kernelexec.backend.fanout import MAX_CLIENTS, QUEUE_SIZES, ChannelHub
 from kernelexec.backend.loopback import LoopbackChannels, message
 from kernelexec.errors import ProtocolError, SandboxError
-from kernelexec.protocol import DELIM, Signer, new_key, parse
+from kernelexec.kernel.protocol import DELIM, Signer, new_key, parse
 
 from .conftest import run_alone
 

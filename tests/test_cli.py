@@ -21,9 +21,9 @@ import nbformat
 import pytest
 
 from kernelexec import Policy, Session
-from kernelexec.cli import main
+from kernelexec.tools.cli import main
 from kernelexec.notebook import notebook_errors, run_notebook
-from kernelexec.sockdir import PREFIX, socket_root
+from kernelexec.backend.sockdir import PREFIX, socket_root
 
 from .sdk import docker_client
 
@@ -387,7 +387,7 @@ def test_doctor_names_what_to_fix(kernel_image, tmp_path):
 
 
 def test_image_build_is_skipped_when_up_to_date():
-    from kernelexec.image import image_present, image_tag
+    from kernelexec.tools.image import image_present, image_tag
 
     if not image_present(tag=image_tag()):
         pytest.skip("the recipe's image is not built here; building it is test_image.py's job")
@@ -412,7 +412,7 @@ def test_help_and_module_entry_point():
     ["--profile", "strict", "-v", "run", "--image", "img", "--audit-log", "a.jsonl", "x.py"],
 ])
 def test_global_options_before_or_after_the_command(argv):
-    from kernelexec.cli import build_parser
+    from kernelexec.tools.cli import build_parser
 
     args = build_parser().parse_args(argv)
     assert (args.profile, args.image, args.audit_log, args.verbose, args.file) == (
@@ -420,7 +420,7 @@ def test_global_options_before_or_after_the_command(argv):
 
 
 def test_global_options_default_when_not_given_and_reach_every_command():
-    from kernelexec.cli import build_parser
+    from kernelexec.tools.cli import build_parser
 
     parse = build_parser().parse_args
     args = parse(["run", "x.py"])

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kernelexec import Policy, PolicyViolation
-from kernelexec.audit import audit_policy
+from kernelexec.tools.audit import audit_policy
 from kernelexec.egress.rules import (
     NAMED_SETS,
     WEB_PORTS,

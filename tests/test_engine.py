@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kernelexec.dockerapi import DockerAPI, socket_path
-from kernelexec.engine import Endpoint, EndpointError, context_id, resolve_endpoint
+from kernelexec.backend.docker.api import DockerAPI, socket_path
+from kernelexec.backend.docker.endpoint import Endpoint, EndpointError, context_id, resolve_endpoint
 from kernelexec.errors import DockerUnavailable
 
 from .remote.certs import cert_dir, make_authority

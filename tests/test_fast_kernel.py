@@ -1,4 +1,4 @@
-"""The fast kernel launcher (kernelexec.kernel_launch) speaks the same protocol as stock ipykernel.
+"""The fast kernel launcher (kernelexec.kernel.launch) speaks the same protocol as stock ipykernel.
 
 What it changes is who sends on the IOPub socket (the publishing thread, under
 a lock) and who owns the shell socket (the main thread); these tests hold it to

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kernelexec import AuditLog, AuditLogError, KernelDied, Policy, SandboxLost, Session
-from kernelexec.container import gc
+from kernelexec.backend.docker.sessions import gc
 
 from .conftest import leftovers
 

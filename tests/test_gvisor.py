@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from kernelexec.container import run_blocking
-from kernelexec.dockerapi import api
+from kernelexec._loop import run_blocking
+from kernelexec.backend.docker.api import api
 
 #: every test here starts containers of its own
 pytestmark = pytest.mark.docker

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelexec.image import (
+from kernelexec.tools.image import (
     BASE_TAG,
     ImageBuildError,
     _run,
@@ -63,7 +63,7 @@ def test_tag_is_deterministic_and_follows_the_recipe(tmp_path, monkeypatch):
     assert re.fullmatch(r"kernelexec-kernel:[0-9a-f]{12}", tag)
     assert image_tag(recipe) == image_tag(recipe) == tag
     # the same in a fresh interpreter (nothing depends on hash seeds or dict order)
-    fresh = subprocess.run([sys.executable, "-c", "from kernelexec.image import image_tag; print(image_tag())"],
+    fresh = subprocess.run([sys.executable, "-c", "from kernelexec.tools.image import image_tag; print(image_tag())"],
                            capture_output=True, text=True, timeout=60, cwd=ROOT,
                            env={**os.environ, "PYTHONHASHSEED": "12345"})
     assert fresh.stdout.strip() == tag, fresh.stderr
@@ -139,7 +139,7 @@ def test_packaged_recipe_is_the_checkout_recipe_and_nothing_else(tmp_path):
     # without a checkout next to it, the library finds its packaged copy
     env = {k: v for k, v in os.environ.items() if k != "KERNELEXEC_IMAGE_DIR"}
     env["PYTHONPATH"] = str(installed)
-    probe = subprocess.run([sys.executable, "-c", "from kernelexec.image import kernel_image_dir, image_tag; "
+    probe = subprocess.run([sys.executable, "-c", "from kernelexec.tools.image import kernel_image_dir, image_tag; "
                             "print(kernel_image_dir()); print(image_tag())"],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert probe.stdout.split() == [str(recipe), image_tag()], probe.stderr
@@ -369,9 +369,9 @@ def test_a_silent_or_endless_build_is_stopped_and_leaves_nothing(docker, kernel_
                                                                  limit, run, said):
     """The build's silence limit and its overall deadline both end it: the connection closes, the engine
     cancels the step (its container goes), and the error says which limit it was."""
-    import kernelexec.image
+    import kernelexec.tools.image
 
-    monkeypatch.setattr(kernelexec.image, limit, 3.0)
+    monkeypatch.setattr(kernelexec.tools.image, limit, 3.0)
     marker = f"kx-limit-{os.getpid()}-{limit.lower()}"
     tag = f"kernelexec-test-limit:{os.getpid()}"
     lines: list[str] = []
@@ -391,7 +391,7 @@ def test_a_silent_or_endless_build_is_stopped_and_leaves_nothing(docker, kernel_
 
 
 def test_a_docker_sdk_client_is_deprecated_but_still_names_the_engine(docker, kernel_image):
-    with pytest.warns(DeprecationWarning, match="kernelexec.dockerapi.DockerAPI"):
+    with pytest.warns(DeprecationWarning, match="kernelexec.backend.docker.api.DockerAPI"):
         assert image_present(docker, kernel_image)
     with pytest.raises(TypeError, match="DockerAPI"):
         image_present("unix:///var/run/docker.sock", kernel_image)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ import pytest
 
 from kernelexec import Policy, Session
 from kernelexec.errors import ImageBuildError, RestoreError
-from kernelexec.packages import (
+from kernelexec.tools.packages import (
     LABEL_LOCK,
     build_packages,
     check_requirement,
@@ -351,7 +351,7 @@ def test_a_profile_states_packages_once_and_concurrent_first_uses_build_once(doc
 
 
 def test_cli_build_ls_lock_and_rm(docker, kernel_image, index, built, capsys, tmp_path):
-    from kernelexec.cli import main
+    from kernelexec.tools.cli import main
 
     args = ["image", "build", "--base", kernel_image, "--with", "kx-tiny-c", "--find-links", str(index), "--no-index"]
     assert main(args) == 0

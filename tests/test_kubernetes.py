@@ -1,9 +1,9 @@
-"""The Kubernetes manifests (kernelexec.kubernetes): no cluster and no engine, only what can be checked offline.
+"""The Kubernetes manifests (kernelexec.tools.kubernetes): no cluster and no engine, only what can be checked offline.
 
 * every generated object validates against the official Kubernetes JSON schemas (``kubernetes-validate``,
   strict: an unknown or misspelled field fails), for the oldest release we document and the newest bundled;
 * every Pod passes the Pod Security Standards' restricted profile, checked by
-  :func:`kernelexec.kubernetes.restricted_violations`, which is itself shown to refuse each rule;
+  :func:`kernelexec.tools.kubernetes.restricted_violations`, which is itself shown to refuse each rule;
 * the Pod's limits equal the Docker translation's (``create_body`` of the attach transport), field by
   field, so the two cannot drift apart;
 * the Pod's command (the rlimit prelude, then the relay's bootstrap) runs: it sets the limits and then
@@ -24,9 +24,11 @@ import kubernetes_validate as kv
 import pytest
 import yaml
 
-from kernelexec.backend.attach.engine import RELAY_DIR, bootstrap_command, create_body
-from kernelexec.cli import main
-from kernelexec.kubernetes import (
+from kernelexec.backend.attach.boot import RELAY_DIR, bootstrap_command
+from kernelexec.backend.docker.attach import create_body
+from kernelexec.backend.docker.config import work_volume_options
+from kernelexec.tools.cli import main
+from kernelexec.tools.kubernetes import (
     CONTAINER,
     LOG_STORAGE,
     SECCOMP_PROFILE,
@@ -42,7 +44,7 @@ from kernelexec.kubernetes import (
     session_manifests,
     setup_manifests,
 )
-from kernelexec.policy import Policy, parse_size, work_volume_options
+from kernelexec.policy import Policy, parse_size
 from kernelexec.profiles import BUILTIN
 
 IMAGE = "registry.example.org/kernelexec-kernel:0123456789ab"

@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 
 def orphans(docker) -> set[str]:
     """Session containers whose owner process is gone: what a notebook's kernel would leak."""
-    from kernelexec.container import owner_alive
+    from kernelexec.backend.docker.sandbox import owner_alive
 
     out = set()
     for c in docker.api.containers(all=True, filters={"label": "kernelexec.session"}):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from kernelexec import CodeTooLarge, Policy, Session
-from kernelexec.protocol import Signer, build, parse
+from kernelexec.kernel.protocol import Signer, build, parse
 
 SURROGATE_ESCAPED = 'b"caf\\xe9".decode("utf-8", "surrogateescape")'
 

@@ -28,7 +28,7 @@ from kernelexec import (
     SessionClosed,
     SessionPool,
 )
-from kernelexec.dockerapi import DockerAPI
+from kernelexec.backend.docker.api import DockerAPI
 from kernelexec.profiles import BUILTIN, check_profiles, profile_policy
 
 from .conftest import orphan_errors
@@ -127,7 +127,7 @@ def test_terminating_signals_remove_everything(docker, kernel_image, face, sig):
     pid = str(proc.pid)
     assert docker.api.containers(all=True, filters={"label": f"kernelexec.owner_pid={pid}"}) == []
     assert docker.api.volumes(filters={"label": f"kernelexec.owner_pid={pid}"}).get("Volumes") in (None, [])
-    from kernelexec.sockdir import PREFIX, socket_root
+    from kernelexec.backend.sockdir import PREFIX, socket_root
 
     assert list(Path(socket_root()).glob(f"{PREFIX}{pid}-*")) == []
     assert not orphan_errors(err), err
@@ -262,7 +262,7 @@ def test_one_broken_profile_leaves_the_others_usable(tmp_path):
     assert str(f) in str(info.value) and "memroy" in str(info.value)
     good, bad = check_profiles(f)
     assert "good" in good and set(bad) == {"bad"}
-    from kernelexec.audit import audit_profiles
+    from kernelexec.tools.audit import audit_profiles
 
     findings = audit_profiles(f)
     assert any(x.severity == "high" and "bad" in x.check for x in findings)

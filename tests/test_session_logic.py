@@ -33,7 +33,7 @@ from kernelexec.errors import (
     SessionClosed,
 )
 from kernelexec.policy import WORKDIR
-from kernelexec.protocol import new_key
+from kernelexec.kernel.protocol import new_key
 from kernelexec.results import Execution
 
 T = TypeVar("T")

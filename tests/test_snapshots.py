@@ -17,7 +17,7 @@ import pytest
 
 from kernelexec import AsyncSession, Policy, Session
 from kernelexec.backend import DockerBackend
-from kernelexec.container import gc
+from kernelexec.backend.docker.sessions import gc
 from kernelexec.errors import RestoreError, SessionBusy, SnapshotCorrupt, SnapshotTooLarge
 from kernelexec.snapshot import store
 from kernelexec.snapshot.format import encode

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import pytest
 
-from kernelexec.container import run_blocking
-from kernelexec.dockerapi import api
+from kernelexec._loop import run_blocking
+from kernelexec.backend.docker.api import api
 
 from . import suites
 

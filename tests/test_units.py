@@ -11,11 +11,12 @@ import pytest
 
 from kernelexec import Policy
 from kernelexec.errors import ProtocolError, SandboxError
-from kernelexec.policy import container_config, parse_size, resolve_user
-from kernelexec.protocol import DELIM, MAX_IDENTITIES, Signer, build, parse, shape_error
+from kernelexec.backend.docker.config import container_config
+from kernelexec.policy import parse_size, resolve_user
+from kernelexec.kernel.protocol import DELIM, MAX_IDENTITIES, Signer, build, parse, shape_error
 from kernelexec.results import Execution, MimeBundle, Stream, strip_ansi
 from kernelexec.snapshot import PausedSession
-from kernelexec.sockdir import SocketDir, owner_pid_of
+from kernelexec.backend.sockdir import SocketDir, owner_pid_of
 
 
 def _reply(signer: Signer, content: dict, parent: str = "p1", header_extra: dict | None = None) -> list[bytes]:
@@ -199,7 +200,7 @@ def test_paused_ttl_is_seven_days_unless_the_environment_says_otherwise(monkeypa
 
 def test_gc_refuses_a_bad_duration(monkeypatch, capsys):
     """A typo in either is an error that says what to write, never some other rule that expires sessions."""
-    from kernelexec.cli import main
+    from kernelexec.tools.cli import main
 
     with pytest.raises(SystemExit) as stop:
         main(["gc", "--paused-older-than", "7w"])
@@ -213,7 +214,7 @@ def test_gc_refuses_a_bad_duration(monkeypatch, capsys):
 
 
 def test_gc_help_states_the_rule():
-    from kernelexec.cli import build_parser
+    from kernelexec.tools.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     text = " ".join(sub.choices["gc"].format_help().split())
@@ -228,8 +229,8 @@ def _paused(sid: str, paused_at: float, size: int, holder: int | None) -> Paused
 
 
 def test_ps_lists_paused_sessions_after_the_running_ones_or_alone(monkeypatch, tmp_path):
-    from kernelexec.cli import ps_json, ps_text
-    from kernelexec.container import SessionInfo
+    from kernelexec.tools.cli import ps_json, ps_text
+    from kernelexec.backend.docker.sessions import SessionInfo
 
     monkeypatch.setenv("KERNELEXEC_STATE_DIR", str(tmp_path))
     now = 1_800_000_000.0

@@ -35,7 +35,7 @@ class ChannelsClosed(Exception):  # the transport is gone; .reason says why
     ``violation`` is set when the transport ended because the kernel sent a message that breaks the
     Jupyter wire format, caught before it reached the client (the attach relay cannot forward a
     message it cannot frame): what the kernel sent, in the words of
-    :func:`kernelexec.protocol.shape_error`, the client's own parser. The client then fails as its
+    :func:`kernelexec.kernel.protocol.shape_error`, the client's own parser. The client then fails as its
     parser would have, with :class:`~kernelexec.errors.ProtocolError`, so a violation reads the same
     whichever transport caught it.
     """
@@ -216,6 +216,11 @@ class Sandbox(abc.ABC):
 
         Raises FileNotFoundError when there is nothing at ``path``, and
         :class:`~kernelexec.errors.ResponseTooLarge` past ``limit``."""
+
+    @abc.abstractmethod
+    async def wait_stopped(self) -> int:
+        """Until the kernel's sandbox stops (a Jupyter client asked the kernel to shut down); its exit
+        status, 0 when it is gone already."""
 
     @abc.abstractmethod
     async def destroy(self) -> None:

@@ -29,12 +29,12 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ..container import PORTS
 from ..errors import ProtocolError, SandboxStartError
-from ..protocol import delimiter_index
-from ..sockdir import SOCKET_BASENAME, private_dir, remove_path
+from ..kernel.contract import PORTS, SOCKET_BASENAME, connection_file
+from ..kernel.protocol import delimiter_index
 from .base import ChannelsClosed
 from .fanout import SharedChannels
+from .sockdir import private_dir, remove_path
 
 __all__ = ["IOPUB_HWM", "REQUEST_HWM", "JupyterBridge"]
 
@@ -87,8 +87,7 @@ class JupyterBridge:
     @property
     def connection_info(self) -> dict[str, Any]:
         """The transport part of a connection file (the caller adds the key)."""
-        return {"transport": "ipc", "ip": str(self.directory / SOCKET_BASENAME),
-                **{f"{c}_port": p for c, p in PORTS.items()}}
+        return connection_file(str(self.directory))
 
     async def close(self) -> None:
         """Stop, leave the hub (the session's own client goes on), remove the sockets and the

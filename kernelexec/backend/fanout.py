@@ -8,7 +8,7 @@ channels once and hands each message to whoever it is for:
 * iopub to every client: each sees every output, as the subscribers of a kernel's own iopub do;
 * shell, control and stdin to the client that sent the request the message answers, found by the
   message's ``parent_header.msg_id`` (stdin's ``input_request`` answers an ``execute_request``
-  sent on shell). The header is parsed for that alone, with :mod:`kernelexec.protocol`'s bounds;
+  sent on shell). The header is parsed for that alone, with :mod:`kernelexec.kernel.protocol`'s bounds;
   frames are passed on as they came, signature included: every client holds the kernel's key, and
   nothing is re-signed. A message too malformed to route goes to the owner, whose parser refuses
   it as it would without the hub (the session then treats the kernel as broken).
@@ -32,7 +32,7 @@ from collections import OrderedDict, deque
 from typing import Generic, TypeVar
 
 from ..errors import ProtocolError, SandboxError
-from ..protocol import MAX_MSG_ID, peek_msg_id
+from ..kernel.protocol import MAX_MSG_ID, peek_msg_id
 from .base import Channels, ChannelsClosed
 
 __all__ = ["MAX_CLIENTS", "MAX_ROUTES", "QUEUE_SIZES", "STALL", "ChannelHub", "Mailbox", "SharedChannels"]

@@ -3,7 +3,7 @@
 The fastest transport, and only possible where the host and the kernel see the same unix
 sockets: a local Linux engine running runc. Each socket is connected through an endpoint pinned
 to an inode the socket directory verified (``ipc:///proc/self/fd/N``, see
-:mod:`kernelexec.sockdir`); every one is bounded in frame size (``MAXMSGSIZE``) and in queued
+:mod:`kernelexec.backend.sockdir`); every one is bounded in frame size (``MAXMSGSIZE``) and in queued
 messages (high-water marks). ZeroMQ drops a connection whose peer sent a frame over the bound,
 and one whose peer died: a monitor per socket turns either into :class:`ChannelsClosed`.
 """

@@ -39,9 +39,20 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KernelDied, ResponseTooLarge, SandboxError, SandboxStartError
+from ..kernel.contract import (
+    CONNECTION_FILE,
+    LAUNCH_FILE,
+    PORTS,
+    SOCKET_BASENAME,
+    STARTUP_FILE,
+    connection_file,
+    kernel_argv,
+    launch_source,
+    startup_source,
+)
 from ..policy import OWNER_SOCKET, WORKDIR, Policy, parse_size
-from ..sockdir import CONNECTION_FILE, SOCKET_BASENAME, wait_for_paths
 from .base import Backend, Channels, EgressHandler, Sandbox
+from .sockdir import wait_for_paths
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ipc import ZmqChannels
@@ -50,9 +61,6 @@ __all__ = ["LocalBackend", "LocalSandbox"]
 
 log = logging.getLogger("kernelexec")
 
-PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
-STARTUP_FILE = "startup.py"
-LAUNCH_FILE = "launch.py"
 #: What is kept of the kernel's own stdout/stderr, to explain a failed start.
 _TAIL = 4096
 
@@ -129,21 +137,13 @@ class LocalSandbox(Sandbox):
         _install_atexit()
         for sub in ("run", "work", "home"):
             (self.dir / sub).mkdir(mode=0o700)
-        conn = {"transport": "ipc", "ip": str(self.run_dir / SOCKET_BASENAME),
-                **{f"{name}_port": port for name, port in PORTS.items()},
-                "key": self.key.decode(), "signature_scheme": "hmac-sha256", "kernel_name": "kernelexec-local"}
+        conn = connection_file(str(self.run_dir), self.key, kernel_name="kernelexec-local")
         (self.run_dir / CONNECTION_FILE).write_text(json.dumps(conn))
-        here = Path(__file__).resolve().parent.parent
-        shutil.copyfile(here / "kernel_side.py", self.run_dir / STARTUP_FILE)
-        shutil.copyfile(here / "kernel_launch.py", self.run_dir / LAUNCH_FILE)
+        (self.run_dir / STARTUP_FILE).write_bytes(startup_source())
+        (self.run_dir / LAUNCH_FILE).write_bytes(launch_source())
 
     def command(self) -> list[str]:
-        main = [str(self.run_dir / LAUNCH_FILE)] if self.policy.fast_kernel else ["-m", "ipykernel_launcher"]
-        cmd = [self.python, *main, "-f", str(self.run_dir / CONNECTION_FILE),
-               "--HistoryManager.hist_file=:memory:", "--IPKernelApp.quiet=True"]
-        if self.startup:
-            cmd.append(f"--IPKernelApp.exec_files={self.run_dir / STARTUP_FILE}")
-        return cmd
+        return kernel_argv(self.python, str(self.run_dir), fast=self.policy.fast_kernel, startup=self.startup)
 
     def environment(self) -> dict[str, str]:
         """This process's environment with the sandbox's kernel settings (and a private HOME and IPython dir)."""
@@ -220,6 +220,9 @@ class LocalSandbox(Sandbox):
     def output(self) -> str:
         """The last few KB the kernel process wrote to its own stdout and stderr."""
         return self._tail.decode(errors="replace").strip()
+
+    async def wait_stopped(self) -> int:
+        return 0 if self.proc is None else await self.proc.wait()
 
     async def death(self, wait: float = 2.0, cause: str | None = None) -> KernelDied:
         """The kernel's exit status or signal; ``cause`` when it still runs after ``wait`` seconds."""

@@ -14,7 +14,7 @@ import json
 import uuid
 from typing import Any
 
-from ..protocol import DELIM, Signer
+from ..kernel.protocol import DELIM, Signer
 from .base import Channels, ChannelsClosed
 from .fanout import QUEUE_SIZES, SENDABLE, Mailbox
 

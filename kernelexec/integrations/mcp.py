@@ -26,7 +26,6 @@ import binascii
 import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ import anyio
 
 from .. import __version__
 from ..errors import ExecutionTimeout, KernelDied, KernelExecError, SessionBusy
-from ..image import image_tag
+from ..kernel.image import default_image
 from ..policy import Policy
 from ..profiles import PolicyViolation, profile_policy, within
 from ..session import AsyncSession
@@ -121,7 +120,7 @@ class SessionRegistry:
         wider = theirs.relaxations(base=ceiling)
         if ceiling.image is not None:
             # the image it would run on here, as AsyncSession picks it: named, else $KERNELEXEC_IMAGE or the recipe's
-            image = record.image or theirs.image or os.environ.get("KERNELEXEC_IMAGE") or image_tag()
+            image = record.image or theirs.image or default_image()
             if image != ceiling.image:
                 wider.append(f"image {image!r} instead of this server's {ceiling.image!r}")
         if wider:

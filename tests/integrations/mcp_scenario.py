@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import kernelexec
-from kernelexec.sockdir import PREFIX, socket_root
+from kernelexec.backend.sockdir import PREFIX, socket_root
 
 CLIENT_MAJOR = int(metadata.version("mcp").split(".")[0])
 TOOLS = {"create_session", "execute", "upload_file", "download_file", "list_sessions", "save_notebook",

@@ -18,7 +18,7 @@ from jupyter_client.manager import AsyncKernelManager, KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellTimeoutError
 
-from kernelexec.provisioner import install_kernelspec
+from kernelexec.integrations.jupyter import install_kernelspec
 
 from ..conftest import leftovers
 

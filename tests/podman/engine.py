@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernelexec.container import LABEL, run_blocking
-from kernelexec.dockerapi import DockerAPI
-from kernelexec.engine import Endpoint, resolve_endpoint
+from kernelexec._loop import run_blocking
+from kernelexec.backend.docker.sandbox import LABEL
+from kernelexec.backend.docker.api import DockerAPI
+from kernelexec.backend.docker.endpoint import Endpoint, resolve_endpoint
 from kernelexec.errors import SandboxError
 
 START_TIMEOUT = 60.0

@@ -2,7 +2,7 @@
 
 The fast tests of each engine, in the normal run; the core suites on Podman are in test_suites.py
 (opt-in: the engine matrix). Sessions here reach the Podman engine through the process-wide client
-(``kernelexec.dockerapi._api``), swapped for the test's duration.
+(``kernelexec.backend.docker.api._api``), swapped for the test's duration.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from kernelexec import KernelDied, Policy, Session, dockerapi
+from kernelexec import KernelDied, Policy, Session
 from kernelexec.backend import choose_transport
-from kernelexec.container import LABEL, run_blocking
-from kernelexec.dockerapi import DockerAPI
+from kernelexec._loop import run_blocking
+from kernelexec.backend.docker.sandbox import LABEL
+from kernelexec.backend.docker import api as dockerapi
+from kernelexec.backend.docker.api import DockerAPI
 from kernelexec.errors import SandboxStartError
 
 from . import engine as podman

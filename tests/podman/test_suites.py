@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from kernelexec.container import run_blocking
-from kernelexec.image import BASE_TAG
+from kernelexec._loop import run_blocking
+from kernelexec.tools.image import BASE_TAG
 
 from .. import suites
 from ..remote.test_suites import _SUITE

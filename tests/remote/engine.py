@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernelexec.container import run_blocking
-from kernelexec.dockerapi import DockerAPI
-from kernelexec.engine import Endpoint, resolve_endpoint
+from kernelexec._loop import run_blocking
+from kernelexec.backend.docker.api import DockerAPI
+from kernelexec.backend.docker.endpoint import Endpoint, resolve_endpoint
 from kernelexec.errors import DockerUnavailable, SandboxError
 
 from .certs import Authority, Pair, cert_dir, make_authority

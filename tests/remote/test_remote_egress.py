@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kernelexec.container import run_blocking
+from kernelexec._loop import run_blocking
 
 from ..egress.harness import DEMO_MODULE, DEMO_VALUE, start_index
 

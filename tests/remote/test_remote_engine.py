@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from kernelexec.container import run_blocking
-from kernelexec.dockerapi import DockerAPI, DockerAPIError, api, close_stream, demux
-from kernelexec.engine import Endpoint, context_id, resolve_endpoint
+from kernelexec._loop import run_blocking
+from kernelexec.backend.docker.api import DockerAPI, DockerAPIError, api, close_stream, demux
+from kernelexec.backend.docker.endpoint import Endpoint, context_id, resolve_endpoint
 from kernelexec.errors import DockerUnavailable, SandboxError
 
 from ..sdk import docker_client
@@ -203,7 +203,7 @@ def test_sdk_client_is_configured_from_the_endpoint(remote_engine, kernel_image)
 def test_a_derived_image_is_built_on_the_remote_engine(remote_engine, kernel_image, tmp_path, monkeypatch):
     """Image builds go through the same Engine API client as sessions: the probe container, the build context
     streamed over TLS and its progress streamed back, the image calls (ls, lock, rm), all on that engine."""
-    from kernelexec.packages import build_packages, image_lock, list_images, remove_image
+    from kernelexec.tools.packages import build_packages, image_lock, list_images, remove_image
 
     from ..test_images_packages import make_wheel
 

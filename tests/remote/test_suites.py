@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from kernelexec.container import run_blocking
-from kernelexec.image import BASE_TAG
+from kernelexec._loop import run_blocking
+from kernelexec.tools.image import BASE_TAG
 
 from .. import suites
 from . import engine as remote

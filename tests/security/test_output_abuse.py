@@ -2,7 +2,7 @@
 Policy's budget with the truncation marker, the host's memory stays bounded,
 and the session goes on.
 
-Two layers are tested: the kernel-side cut (``kernel_side.py``, a courtesy the
+Two layers are tested: the kernel-side cut (``kernel/startup.py``, a courtesy the
 code can undo) and the host's own bounds, by code that bypasses the kernel's
 streams and publishes straight onto the IOPub socket.
 """

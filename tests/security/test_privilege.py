@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kernelexec import Policy, Session
-from kernelexec.image import image_tag
+from kernelexec.tools.image import image_tag
 
 from .conftest import LIBC, assert_healthy, inside
 

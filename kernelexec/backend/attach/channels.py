@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ...dockerapi import close_stream
-from ...protocol import shape_error
+from ...kernel.protocol import shape_error
 from ..base import ByteStream, Channels, ChannelsClosed
+from ..docker.api import close_stream
 from ..streams import HandlerTasks
 from .framing import (
     CHANNEL_IDS,

@@ -98,7 +98,7 @@ NET_MAX_CONNECTIONS = 64
 #: kernel), exit (relay: the kernel's status), violation (relay: the kernel broke a bound, ``reason``
 #: in the relay's words; with ``shape``, ``{"frames": n, "delimiter": i or null}``, when the message
 #: could not be a Jupyter message: the host words that as its parser would, see
-#: ``kernelexec.protocol.shape_error``), desync (relay: what this host sent did not decode).
+#: ``kernelexec.kernel.protocol.shape_error``), desync (relay: what this host sent did not decode).
 LINK_TYPES = frozenset({"hello", "keepalive", "resync", "bye", "signal", "exit", "violation", "desync"})
 LOG_SOURCES = frozenset({b"stdout", b"stderr", b"relay"})
 

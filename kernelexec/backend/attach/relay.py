@@ -113,7 +113,7 @@ def main(boot: dict[str, Any]) -> None:
     cfg = boot["config"]
     limits = framing.Limits.from_dict(cfg["limits"])
     # the delimiter must be among a message's first parts (routing identities before it), as the
-    # host's parser has it (kernelexec.protocol.MAX_IDENTITIES + 1)
+    # host's parser has it (kernelexec.kernel.protocol.MAX_IDENTITIES + 1)
     window = int(cfg["delimiter_within"])
     orphan_timeout = float(cfg["orphan_timeout"])
     directory = cfg["dir"]

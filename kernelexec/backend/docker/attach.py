@@ -1,79 +1,28 @@
-"""The Engine API side of the attach transport: the create body, the attach call, the hello.
+"""The attach transport on the Docker Engine API: the create body, the attach call, the sandbox.
 
-The container is the policy's container (:func:`kernelexec.policy.container_config`) with the
-host's socket directory taken out: nothing of the host is mounted, the relay is pid 1 (no
-docker-init), stdin stays open across attaches, and the relay's private directory is a tmpfs
-at the path the kernel's files have always had (``/run/kernelexec``; ``kernel_side`` filters
-tracebacks by it). :class:`AttachSandbox` is the lifecycle the backend seam will wrap; the
-session does not use it yet.
+The container is the policy's container (:func:`.config.container_config`) with the host's socket
+directory taken out: nothing of the host is mounted, the relay is pid 1 (no docker-init), stdin
+stays open across attaches. What the relay is started with is engine-agnostic
+(:mod:`kernelexec.backend.attach.boot`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from ...container import (
-    LAUNCH_FILE,
-    PORTS,
-    STARTUP_FILE,
-    ConnectionInfo,
-    DockerSandbox,
-    kernel_launch_source,
-    kernel_startup_source,
-)
-from ...dockerapi import DockerAPI, api, close_stream
 from ...errors import KernelDied, SandboxError
-from ...policy import (
-    EGRESS_PORT,
-    KERNEL_PYTHON,
-    SOCKET_MOUNT,
-    Policy,
-    ScratchDir,
-    container_config,
-    parse_size,
-    sandbox_env,
-)
-from ...protocol import MAX_IDENTITIES
-from ...sockdir import CONNECTION_FILE
-from .. import engines
+from ...policy import Policy
+from ..attach.boot import attach_env, boot_message, bootstrap_command, keepalive_interval, limits_for, relay_dir
+from ..attach.channels import AttachChannels
 from ..base import Channels, ChannelsClosed
-from .channels import AttachChannels
-from .framing import Limits, encode_boot
-from .relay import BOOTSTRAP
+from . import engines
+from .api import DockerAPI, api, close_stream
+from .config import container_config
+from .sandbox import DockerSandbox
 
-__all__ = ["AttachSandbox", "RELAY_DIR", "RELAY_DIR_SIZE", "attach", "attach_env", "boot_message",
-           "bootstrap_command", "create_body", "kernel_argv", "limits_for"]
-
-#: The relay's private directory (a tmpfs): the kernel's files and its ipc sockets.
-RELAY_DIR = SOCKET_MOUNT
-#: Its size: the kernel's few files and sockets.
-RELAY_DIR_SIZE = 4 << 20
-#: Env the ipc transport's orphan watchdog reads; the relay watches for orphans on this transport.
-_IPC_ONLY_ENV = ("KERNELEXEC_OWNER_SOCKET", "KERNELEXEC_ORPHAN_TIMEOUT")
-
-
-def bootstrap_command(prelude: str = "") -> list[str]:
-    """The container's command. ``prelude`` is Python run first, for an orchestrator with no field for
-    what the relay needs set before it starts (Kubernetes has none for rlimits)."""
-    # -I: no PYTHON* variables, no user site, no working directory on sys.path
-    return [KERNEL_PYTHON, "-I", "-c", prelude + BOOTSTRAP]
-
-
-def attach_env(policy: Policy) -> dict[str, str]:
-    """The container's environment on this transport: the policy's, without the ipc watchdog's variables."""
-    return {k: v for k, v in sandbox_env(policy).items() if k not in _IPC_ONLY_ENV}
-
-
-def kernel_argv(policy: Policy) -> list[str]:
-    """The kernel's command line, as the ipc transport's ``Sandbox.command()`` builds it."""
-    main = [f"{RELAY_DIR}/{LAUNCH_FILE}"] if policy.fast_kernel else ["-m", "ipykernel_launcher"]
-    return [KERNEL_PYTHON, *main, "-f", f"{RELAY_DIR}/{CONNECTION_FILE}", "--HistoryManager.hist_file=:memory:",
-            "--IPKernelApp.quiet=True", f"--IPKernelApp.exec_files={RELAY_DIR}/{STARTUP_FILE}"]
+__all__ = ["AttachSandbox", "attach", "create_body"]
 
 
 def create_body(policy: Policy, *, image: str, uid: int, gid: int, work_volume: str,
@@ -87,39 +36,11 @@ def create_body(policy: Policy, *, image: str, uid: int, gid: int, work_volume: 
     host = body["HostConfig"]
     host["Mounts"] = [m for m in host["Mounts"] if m["Type"] != "bind"]
     host["Init"] = False  # the relay is pid 1: it reaps, forwards signals, and is non-dumpable
-    relay_dir = ScratchDir(RELAY_DIR, RELAY_DIR_SIZE, private=True)
-    host["Tmpfs"] = {**host["Tmpfs"], RELAY_DIR: relay_dir.tmpfs_options(uid, gid)}
+    path, options = relay_dir(uid, gid)
+    host["Tmpfs"] = {**host["Tmpfs"], path: options}
     body["Env"] = [f"{k}={v}" for k, v in attach_env(policy).items()]
     body.update(AttachStdin=True, AttachStdout=True, AttachStderr=True, OpenStdin=True, StdinOnce=False, Tty=False)
     return body
-
-
-def limits_for(policy: Policy) -> Limits:
-    return Limits(max_frame_bytes=parse_size(policy.max_message_bytes))
-
-
-@functools.cache
-def _source(name: str) -> str:
-    return (Path(__file__).parent / name).read_text()
-
-
-def boot_message(policy: Policy, key: bytes, session_id: str) -> bytes:
-    """The bootstrap hello: the relay, the framing, and what the kernel needs (key included).
-
-    It travels only over the attach connection and lives in the container's tmpfs."""
-    conn = ConnectionInfo(key=key, session_id=session_id).file_contents()
-    files = {CONNECTION_FILE: json.dumps(conn), STARTUP_FILE: kernel_startup_source().decode()}
-    if policy.fast_kernel:
-        files[LAUNCH_FILE] = kernel_launch_source().decode()
-    config = {
-        "dir": RELAY_DIR, "ip": conn["ip"], "ports": {name: port for name, port in PORTS.items()},
-        "files": files, "argv": kernel_argv(policy), "limits": limits_for(policy).to_dict(),
-        "orphan_timeout": policy.orphan_timeout,
-        "egress_port": EGRESS_PORT if policy.egress else 0,
-        "delimiter_within": MAX_IDENTITIES + 1,  # where the host's parser looks for <IDS|MSG>
-    }
-    return encode_boot({"relay": _source("relay.py"), "framing": _source("framing.py"), "zmtp": _source("zmtp.py"),
-                        "config": config})
 
 
 async def attach(api: DockerAPI, cid: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -131,11 +52,6 @@ async def attach(api: DockerAPI, cid: str) -> tuple[asyncio.StreamReader, asynci
         await close_stream(writer)
         raise SandboxError(f"Docker refused to attach to the sandbox's stdin and stdout (HTTP {status})")
     return reader, writer
-
-
-def keepalive_interval(policy: Policy) -> float:
-    """Often enough that a few lost or late keepalives never look like a dead host."""
-    return min(policy.orphan_timeout / 4, 5.0)
 
 
 class AttachSandbox(DockerSandbox):
@@ -162,7 +78,7 @@ class AttachSandbox(DockerSandbox):
             raise
         try:
             channels = await AttachChannels.open(
-                reader, writer, boot_message(self.policy, self.conn.key, self.conn.session_id),
+                reader, writer, boot_message(self.policy, self.conn.key),
                 limits_for(self.policy), keepalive=keepalive_interval(self.policy),
                 dead_after=self.policy.orphan_timeout, timeout=self.policy.start_timeout, egress=self.egress)
         except ChannelsClosed as e:
@@ -173,7 +89,7 @@ class AttachSandbox(DockerSandbox):
     @property
     def can_reattach(self) -> bool:  # type: ignore[override]
         """Docker resumes a lost attach; Podman does not deliver stdin to a second one
-        (:mod:`kernelexec.backend.engines`)."""
+        (:mod:`kernelexec.backend.docker.engines`)."""
         kind = api().known_kind
         return kind is None or engines.can_reattach(kind)
 

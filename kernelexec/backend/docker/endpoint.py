@@ -22,7 +22,7 @@ The config directory is ``DOCKER_CONFIG`` or ``~/.docker``.
 
 ``ssh://[USER@]HOST[:PORT]`` engines (from ``DOCKER_HOST`` or a context) are reached as the CLI reaches
 them: OpenSSH's ``ssh`` runs ``docker system dial-stdio`` on the far side and carries the API's bytes (see
-:mod:`kernelexec.sshconn`). TLS settings do not apply to them (the CLI ignores them too); ssh's own
+:mod:`kernelexec.backend.docker.ssh`). TLS settings do not apply to them (the CLI ignores them too); ssh's own
 configuration, agent and known hosts do, plus ``KERNELEXEC_SSH_OPTS`` (:data:`SSH_OPTS_ENV`).
 """
 
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from .errors import DockerUnavailable
+from ...errors import DockerUnavailable
 
 __all__ = ["DEFAULT_UNIX_SOCKET", "SSH_OPTS_ENV", "Endpoint", "EndpointError", "default_endpoint",
            "resolve_endpoint"]

@@ -1,7 +1,7 @@
 """The kernel's main program: ipykernel, minus the waits between threads.
 
 Run inside the container as ``python /run/kernelexec/launch.py -f <connection file>``
-(sent as source, like :mod:`kernelexec.kernel_side`; never imported on the host).
+(sent as source, like :mod:`kernelexec.kernel.startup`; never imported on the host).
 It speaks the unchanged Jupyter protocol; only where ipykernel spends its time
 differs. Measured for ``1+1`` with ipykernel 7.4 on a 2-core host, a stock kernel
 takes about 3.6 ms from ``execute_request`` to ``idle``, and little of it executes

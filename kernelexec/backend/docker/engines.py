@@ -1,6 +1,6 @@
 """Engine-specific adjustments, in one place: what differs between Docker and Podman at the seam.
 
-Every sandbox is made from the policy's one create body (:func:`kernelexec.policy.container_config`);
+Every sandbox is made from the policy's one create body (:func:`.config.container_config`);
 an engine that reads a part of it differently gets that part rewritten here to mean the same thing,
 never weakened. What an engine cannot enforce is refused before anything is created, with what to do.
 
@@ -33,10 +33,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..engine import Endpoint
-from ..enginekind import EngineKind
-from ..errors import SandboxStartError
-from ..policy import Policy
+from ...errors import SandboxStartError
+from ...policy import Policy
+from .endpoint import Endpoint
+from .kind import EngineKind
 
 __all__ = ["can_reattach", "check_enforceable", "create_body", "forced_transport", "volume_options"]
 

@@ -35,17 +35,16 @@ from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
 from traitlets import Unicode
 
-from ._loop import LoopThread
-from .backend import default_backend
-from .container import PORTS
-from .dockerapi import NotFound, api
-from .errors import SandboxError
-from .policy import KERNEL_PYTHON, Policy, parse_size
-from .session import AsyncSession
-from .sockdir import SOCKET_BASENAME, private_dir, remove_path
+from .._loop import LoopThread
+from ..backend import default_backend
+from ..backend.sockdir import private_dir, remove_path
+from ..errors import SandboxError
+from ..kernel.contract import PORTS, SIGNATURE_SCHEME, SOCKET_BASENAME
+from ..policy import KERNEL_PYTHON, Policy, parse_size
+from ..session import AsyncSession
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backend.bridge import JupyterBridge
+    from ..backend.bridge import JupyterBridge
 
 KERNEL_NAME = "kernelexec"
 T = TypeVar("T")
@@ -78,13 +77,9 @@ class KernelExecProvisioner(KernelProvisionerBase):
 
     async def wait(self) -> int | None:
         """Until the container stops (the kernel exits after a shutdown request)."""
-        if self.session is None or self.session.container_id is None:
+        if self.session is None:
             return 0
-        try:
-            status = await api().wait(self.session.container_id)
-        except NotFound:
-            return 0
-        return int(status.get("StatusCode", 0))
+        return await self._on_loop(self.session.wait_stopped())
 
     async def send_signal(self, signum: int) -> None:
         if self.session is None:
@@ -150,7 +145,7 @@ class KernelExecProvisioner(KernelProvisionerBase):
             "stdin_port": PORTS["stdin"], "control_port": PORTS["control"], "hb_port": PORTS["hb"],
             # bytes, as KernelManager.get_connection_info() gives it back: launch_kernel's info must equal it
             "key": session.key,  # type: ignore[typeddict-item]
-            "signature_scheme": "hmac-sha256", "kernel_name": KERNEL_NAME,
+            "signature_scheme": SIGNATURE_SCHEME, "kernel_name": KERNEL_NAME,
         }
         self.connection_info = info
         return info
@@ -168,7 +163,7 @@ async def _open(policy: Policy | None, profile: str | None) -> tuple[AsyncSessio
         await session.start()
         if session.endpoints:
             return session, None
-        from .backend.bridge import JupyterBridge
+        from ..backend.bridge import JupyterBridge
 
         bridge = await JupyterBridge.open(session.open_channels(),
                                           max_message_bytes=parse_size(session.policy.max_message_bytes))

@@ -32,11 +32,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import SandboxError, SandboxStartError
+from ..errors import SandboxError, SandboxStartError
+from ..kernel.contract import CONNECTION_FILE, PORTS, SOCKET_BASENAME
 
 PREFIX = "kx-"
-CONNECTION_FILE = "connection.json"
-SOCKET_BASENAME = "k"  # ipc sockets are named "<ip>-<port>"
 _NAME = re.compile(r"^kx-(\d+)-[0-9a-f]{8}$")
 _MAX_PATH = 100
 
@@ -72,7 +71,7 @@ class SocketDir:
         self.uid, self.gid = uid, gid
         root = root or socket_root()
         path = root / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        if len(str(path / f"{SOCKET_BASENAME}-5")) > _MAX_PATH:
+        if len(str(path / f"{SOCKET_BASENAME}-{max(PORTS.values())}")) > _MAX_PATH:
             raise SandboxStartError(
                 f"socket path {path} is too long for a unix socket; set KERNELEXEC_SOCKET_ROOT to a short directory"
             )

@@ -19,13 +19,15 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from .container import LABEL, LABEL_POLICY, run_blocking
-from .dockerapi import api, socket_path
-from .egress.rules import parse_egress, review
-from .policy import SOCKET_MOUNT, WORKDIR, Policy, apparmor_enabled, parse_size
-from .profiles import profiles_path
+from .._loop import run_blocking
+from ..backend.docker.api import api, socket_path
+from ..backend.docker.config import apparmor_enabled, container_deviations
+from ..backend.docker.sandbox import LABEL, LABEL_POLICY
+from ..egress.rules import parse_egress, review
+from ..policy import Policy
+from ..profiles import profiles_path
 
 Severity = Literal["high", "medium", "low", "info"]
 _RANK = {"high": 0, "medium": 1, "low": 2, "info": 3}
@@ -76,7 +78,7 @@ def audit_profiles(path: Path | None) -> list[Finding]:
         out.append(Finding("high", "profile", "profile file permissions",
                            f"{path} is writable by group or others (mode {stat.filemode(st.st_mode)}): "
                            "anyone who can write it can widen every role", f"chmod go-w {path}"))
-    from .profiles import ProfileError, check_profiles
+    from ..profiles import ProfileError, check_profiles
 
     try:
         good, bad = check_profiles(path)
@@ -221,53 +223,6 @@ async def _containers() -> list[Finding]:
                                "(`kernelexec gc --all`) and start a new session"))
         out += audit_policy(policy, name=name)
     return out
-
-
-def container_deviations(info: dict[str, Any], policy: Policy) -> list[str]:
-    """Where a running container's real settings differ from what its policy demands."""
-    hc, cfg = info["HostConfig"], info["Config"]
-    bad = []
-    if hc.get("Privileged"):
-        bad.append("runs privileged")
-    if hc.get("ReadonlyRootfs") is not policy.read_only:
-        bad.append(f"ReadonlyRootfs={hc.get('ReadonlyRootfs')}")
-    if hc.get("CapDrop") != ["ALL"]:
-        bad.append(f"CapDrop={hc.get('CapDrop')}")
-    if sorted(hc.get("CapAdd") or []) != sorted(policy.cap_add):
-        bad.append(f"CapAdd={hc.get('CapAdd')}")
-    sec = hc.get("SecurityOpt") or []
-    if policy.no_new_privileges and "no-new-privileges:true" not in sec:
-        bad.append("no-new-privileges is off")
-    if policy.seccomp == "kernelexec" and not any(s.startswith("seccomp={") for s in sec):
-        bad.append("kernelexec's seccomp profile is not applied")
-    if any(s in ("seccomp=unconfined", "apparmor=unconfined") for s in sec) and policy.seccomp != "unconfined":
-        bad.append(f"SecurityOpt has {sec}")
-    if hc.get("NetworkMode") != policy.network:
-        bad.append(f"NetworkMode={hc.get('NetworkMode')}")
-    memory = parse_size(policy.memory)
-    if hc.get("Memory") != memory or hc.get("MemorySwap") != memory:
-        bad.append(f"Memory={hc.get('Memory')} MemorySwap={hc.get('MemorySwap')}, policy {memory}")
-    if hc.get("PidsLimit") != policy.pids:
-        bad.append(f"PidsLimit={hc.get('PidsLimit')}")
-    if hc.get("NanoCpus") != int(policy.cpus * 1e9):
-        bad.append(f"NanoCpus={hc.get('NanoCpus')}")
-    for mode in ("PidMode", "IpcMode", "UTSMode", "UsernsMode"):
-        if hc.get(mode) in ("host",):
-            bad.append(f"{mode}=host")
-    user = str(cfg.get("User") or "")
-    if user in ("", "0", "root") or user.startswith(("0:", "root:")):
-        bad.append(f"runs as root (User={user!r})")
-    if hc.get("LogConfig", {}).get("Type") != policy.log_driver:
-        bad.append(f"log driver {hc.get('LogConfig', {}).get('Type')}")
-    allowed = {SOCKET_MOUNT, WORKDIR} | ({f"{WORKDIR}/host"} if policy.workspace else set())
-    for m in info.get("Mounts") or []:
-        if m.get("Destination") not in allowed:
-            bad.append(f"unexpected mount {m.get('Source')} -> {m.get('Destination')}")
-        if "docker.sock" in str(m.get("Source")):
-            bad.append("the Docker socket is mounted")
-    if hc.get("Devices"):
-        bad.append(f"devices passed in: {hc['Devices']}")
-    return bad
 
 
 def run_audit(policy: Policy | None = None, profiles_file: str | os.PathLike[str] | None = None,

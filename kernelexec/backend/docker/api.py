@@ -10,9 +10,9 @@ be large (a build context, a root filesystem) and the responses that report
 progress (a build's, an import's), can be cancelled at any await, and needs
 no thread. Blocking code (image builds) runs it on the package's loop thread
 (:mod:`kernelexec._loop`). Which engine, and how to reach it,
-is :mod:`kernelexec.engine`'s concern (the docker CLI's rules); what needs the
+is :mod:`kernelexec.backend.docker.endpoint`'s concern (the docker CLI's rules); what needs the
 engine on this host (bind-mounted sockets) asks ``Endpoint.is_local``. An ssh:// engine's connections are
-ssh subprocesses (:mod:`kernelexec.sshconn`); :meth:`DockerAPI.close` ends the ssh master they share.
+ssh subprocesses (:mod:`kernelexec.backend.docker.ssh`); :meth:`DockerAPI.close` ends the ssh master they share.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from collections.abc import AsyncIterable, AsyncIterator
 from typing import IO, Any
 from urllib.parse import quote, urlencode
 
-from .engine import Endpoint, default_endpoint
-from .enginekind import EngineKind, classify
-from .errors import DockerUnavailable, ResponseTooLarge, SandboxError
-from .sshconn import SshDialer, SshStream
+from ...errors import DockerUnavailable, ResponseTooLarge, SandboxError
+from .endpoint import Endpoint, default_endpoint
+from .kind import EngineKind, classify
+from .ssh import SshDialer, SshStream
 
 __all__ = ["Conflict", "DockerAPI", "DockerAPIError", "NotFound", "Stalled", "api", "close_stream", "file_chunks",
            "socket_path"]
@@ -343,7 +343,7 @@ class DockerAPI:
         return self._kind
 
     async def engine_kind(self) -> EngineKind:
-        """Docker or Podman, rootless or not (see :mod:`kernelexec.enginekind`); asked once per client."""
+        """Docker or Podman, rootless or not (see :mod:`kernelexec.backend.docker.kind`); asked once per client."""
         if self._kind is None:
             version = await self.version()
             info = await self.call("GET", "/info", what="engine info")

@@ -34,14 +34,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from .errors import ExecutionTimeout, ImageNotFound, KernelDied, KernelExecError
-from .policy import Policy
-from .results import ErrorInfo, Execution, MimeBundle, Stream
+from ..errors import ExecutionTimeout, ImageNotFound, KernelDied, KernelExecError
+from ..policy import Policy
+from ..results import ErrorInfo, Execution, MimeBundle, Stream
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .container import SessionInfo
-    from .session import Session
-    from .snapshot import PausedSession
+    from ..backend.docker.sessions import SessionInfo
+    from ..session import Session
+    from ..snapshot import PausedSession
 
 EXIT_OK, EXIT_CODE_FAILED, EXIT_KERNELEXEC_ERROR, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 124, 130
 EXIT_CODES_HELP = __doc__.split("Exit statuses:\n\n", 1)[1].split("\n\n", 1)[0] if __doc__ else ""
@@ -70,10 +70,10 @@ def _session(args: argparse.Namespace, **kw: Any) -> Session:
     (which may pin an image) sees it; ``$KERNELEXEC_IMAGE`` is not applied over
     a profile, since a profile is the stricter statement of intent.
     """
-    from .session import Session
+    from ..session import Session
 
     if args.profile:
-        from .profiles import profile_policy
+        from ..profiles import profile_policy
 
         policy = profile_policy(args.profile)
         if args.image:
@@ -85,7 +85,7 @@ def _session(args: argparse.Namespace, **kw: Any) -> Session:
 def _session_policy(args: argparse.Namespace) -> Policy:
     """The policy a session of these options gets (for what doctor reports)."""
     if args.profile:
-        from .profiles import profile_policy
+        from ..profiles import profile_policy
 
         return profile_policy(args.profile)
     return Policy()
@@ -263,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise _run_timeout("the code from stdin" if stdin else str(path), e) from None
         _scrub_exit_warning(ex)
         if args.output:
-            from .notebook import to_notebook
+            from ..notebook import to_notebook
 
             _write_notebook(to_notebook([ex], s.kernel_info), Path(args.output))
     _print_error(ex)
@@ -275,7 +275,7 @@ class _EndOfRun(Exception):
 
 
 def _run_notebook(args: argparse.Namespace, path: Path) -> int:
-    from .notebook import KERNELSPEC, execution_to_outputs, notebook_errors, run_notebook
+    from ..notebook import KERNELSPEC, execution_to_outputs, notebook_errors, run_notebook
 
     nb = _read_notebook(path)
     if args.output:
@@ -515,7 +515,7 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def _build_derived(args: argparse.Namespace, progress: Callable[[str], None]) -> str:
-    """``image build --with/--requirements/--flavour``: a derived image (see :mod:`kernelexec.packages`)."""
+    """``image build --with/--requirements/--flavour``: a derived image (see :mod:`kernelexec.tools.packages`)."""
     from .packages import build_packages, read_requirements
 
     specs = list(args.with_ or [])
@@ -582,8 +582,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    from .container import list_sessions
-    from .snapshot import store
+    from ..backend.docker.sessions import list_sessions
+    from ..snapshot import store
 
     sessions = list_sessions(all_hosts=args.all_hosts)
     # a resumed session keeps its state directory while it runs (its owner holds it): it is listed as running
@@ -597,8 +597,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def _engine_line() -> str:
-    from .container import run_blocking
-    from .dockerapi import api
+    from .._loop import run_blocking
+    from ..backend.docker.api import api
 
     kind = run_blocking(api().engine_kind())
     return f"engine: {api().endpoint.describe()}: {kind.describe()}, default runtime {kind.default_runtime}"
@@ -618,7 +618,7 @@ def ps_text(sessions: Sequence[SessionInfo], paused: Sequence[PausedSession], en
     else:
         parts = ["no running kernelexec sessions"]
     if paused:
-        from .snapshot.store import state_dir
+        from ..snapshot.store import state_dir
 
         parts += ["", f"paused sessions in {state_dir()} (`kernelexec gc` removes those that expired):",
                   paused_table(paused, now)]
@@ -646,7 +646,7 @@ def _size(n: int) -> str:
 def paused_table(paused: Sequence[PausedSession], now: float) -> str:
     """``kernelexec ps``'s table of paused sessions; STATE is "paused" (any process may resume it) or the
     pid holding it (it resumed the session, or paused it on idle and resumes it at its next call)."""
-    from .snapshot.store import age
+    from ..snapshot.store import age
 
     rows = [["SESSION", "PAUSED", "SIZE", "VARIABLES", "LOST", "STATE", "IMAGE"]]
     rows += [[p.id, f"{_iso(p.paused_at)} ({age(max(0.0, now - p.paused_at))} ago)", _size(p.size),
@@ -667,7 +667,7 @@ def ps_json(sessions: Sequence[SessionInfo], paused: Sequence[PausedSession]) ->
 
 def duration(value: str) -> float:
     """``--paused-older-than``'s reading of a duration; argparse turns the error into a usage line."""
-    from .snapshot.store import parse_duration
+    from ..snapshot.store import parse_duration
 
     try:
         return parse_duration(value)
@@ -676,8 +676,8 @@ def duration(value: str) -> float:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from .container import gc
-    from .snapshot import store
+    from ..backend.docker.sessions import gc
+    from ..snapshot import store
 
     try:
         ttl = store.paused_ttl() if args.paused_older_than is None else args.paused_older_than
@@ -755,7 +755,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _check_endpoint() -> str:
-    from .dockerapi import api
+    from ..backend.docker.api import api
 
     endpoint = api().endpoint
     endpoint.require_supported()
@@ -763,7 +763,7 @@ def _check_endpoint() -> str:
 
 
 def _transport(args: argparse.Namespace) -> tuple[str, str]:
-    from .backend import choose_transport
+    from ..backend import choose_transport
 
     return choose_transport(_session_policy(args))
 
@@ -783,8 +783,8 @@ def _check_runsc() -> str:
     import shutil
     import subprocess
 
-    from .container import run_blocking
-    from .dockerapi import api
+    from .._loop import run_blocking
+    from ..backend.docker.api import api
 
     info = run_blocking(api().call("GET", "/info", what="engine info"))
     runtime = (info.get("Runtimes") or {}).get("runsc")
@@ -806,8 +806,8 @@ def _check_runsc() -> str:
 
 
 def _check_engine() -> str:
-    from .container import run_blocking
-    from .dockerapi import api
+    from .._loop import run_blocking
+    from ..backend.docker.api import api
 
     kind = run_blocking(api().engine_kind())
     return f"{kind.describe()}, API {kind.api_version}, default runtime {kind.default_runtime}"
@@ -815,7 +815,7 @@ def _check_engine() -> str:
 
 def _check_socket_root() -> str:
     """The real thing: create a socket directory as a session would (it checks the path length)."""
-    from .sockdir import SocketDir, socket_root
+    from ..backend.sockdir import SocketDir, socket_root
 
     root = socket_root()
     try:
@@ -856,8 +856,8 @@ def _check_smoke(args: argparse.Namespace) -> str:
 def cmd_audit(args: argparse.Namespace) -> int:
     if args.agents:
         return _audit_agents(args)
+    from ..profiles import profile_policy
     from .audit import format_table, run_audit, to_json
-    from .profiles import profile_policy
 
     policy = profile_policy(args.profile, args.profiles) if args.profile else _policy(args)
     audit_findings = run_audit(policy, args.profiles)
@@ -886,7 +886,7 @@ def _audit_agents(args: argparse.Namespace) -> int:
 
 
 def cmd_mcp(args: argparse.Namespace) -> int:
-    from .integrations.mcp import run
+    from ..integrations.mcp import run
 
     run("streamable-http" if args.http else "stdio", policy=_policy(args), profile=args.profile,
         max_sessions=args.max_sessions, notebook_dir=args.notebook_dir, host=args.host, port=args.port)
@@ -894,7 +894,7 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 
 
 def cmd_kernelspec(args: argparse.Namespace) -> int:
-    from .provisioner import install_kernelspec
+    from ..integrations.jupyter import install_kernelspec
 
     path = install_kernelspec(user=not args.sys_prefix, prefix=sys.prefix if args.sys_prefix else None,
                               image=_image(args), profile=args.profile)
@@ -903,7 +903,7 @@ def cmd_kernelspec(args: argparse.Namespace) -> int:
 
 
 def cmd_kernelspec_uninstall(args: argparse.Namespace) -> int:
-    from .provisioner import uninstall_kernelspec
+    from ..integrations.jupyter import uninstall_kernelspec
 
     try:
         path = uninstall_kernelspec(user=not args.sys_prefix, prefix=sys.prefix if args.sys_prefix else None)
@@ -920,8 +920,8 @@ def cmd_kubernetes_manifest(args: argparse.Namespace) -> int:
     ``kubectl apply -f -``: nothing is sent anywhere, no cluster is needed."""
     import secrets
 
+    from ..profiles import profile_policy
     from . import kubernetes as k8s
-    from .profiles import profile_policy
 
     policy = profile_policy(args.profile) if args.profile else Policy()
     ns = args.namespace
@@ -966,7 +966,7 @@ def cmd_kubernetes_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_kubernetes_seccomp(args: argparse.Namespace) -> int:
-    from .seccomp import profile
+    from ..seccomp import profile
 
     print(json.dumps(profile(), indent=2))
     return EXIT_OK
@@ -1004,7 +1004,7 @@ def _global_options(p: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     p = argparse.ArgumentParser(prog="kernelexec", description="Sandboxed, stateful Jupyter kernels for agents.",
                                 epilog="exit status:\n" + EXIT_CODES_HELP,
@@ -1182,7 +1182,7 @@ def _missing_image_advice(args: argparse.Namespace, e: ImageNotFound) -> str:
                 "or drop --image to use the built-in one (`kernelexec image build`)")
     pinned = None
     if args.profile:
-        from .profiles import profile_policy
+        from ..profiles import profile_policy
 
         pinned = profile_policy(args.profile).image
     if pinned:

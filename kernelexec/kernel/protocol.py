@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 DELIM = b"<IDS|MSG>"
 PROTOCOL_VERSION = "5.4"

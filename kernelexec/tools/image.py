@@ -42,9 +42,10 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
-from ._loop import LoopThread
-from .dockerapi import DockerAPI, DockerAPIError, NotFound, Stalled, api, file_chunks
-from .errors import DockerUnavailable, ImageBuildError
+from .._loop import LoopThread
+from ..backend.docker.api import DockerAPI, DockerAPIError, NotFound, Stalled, api, file_chunks
+from ..errors import DockerUnavailable, ImageBuildError
+from ..kernel.image import REPO, image_tag, kernel_image_dir, recipe_files
 
 __all__ = [
     "BASE_TAG",
@@ -69,8 +70,6 @@ __all__ = [
 Progress = Callable[[str], None]
 Mode = Literal["auto", "online", "offline"]
 
-#: Repository of the kernel image; the tag is the recipe's content hash.
-REPO = "kernelexec-kernel"
 #: The Dockerfile's default base (``ARG BASE_IMAGE``): what ``docker build kernel-image/`` uses.
 PUBLIC_BASE = "python:3.11-slim-bookworm"
 #: The base made locally by :func:`ensure_base_image` for offline builds.
@@ -80,9 +79,6 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 #: Packages the offline base needs: the Dockerfile makes a venv with the base's python3.
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 
-# Directories of kernel-image/ that are inputs of a particular build, not part of the recipe.
-_NOT_RECIPE_DIRS = frozenset({"wheelhouse", "ca", "__pycache__"})
-_NOT_RECIPE_SUFFIXES = (".pyc", ".swp", "~", ".md", ".orig", ".rej")
 
 # The kernel image runs CPython 3.11 on Debian bookworm (glibc 2.36). pip in the image prefers the most
 # specific manylinux tag it supports; giving the host's pip the same tags in the same order makes it pick
@@ -105,66 +101,6 @@ _PROBE_TIMEOUT = 15.0  # auto mode: how long to wait for the registry to answer
 
 
 # --------------------------------------------------------------------------------------------- the recipe
-
-
-def kernel_image_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """The recipe directory: ``override``, ``$KERNELEXEC_IMAGE_DIR``, a checkout's
-    ``kernel-image/``, or the copy packaged in the wheel (``kernelexec/_kernel_image``).
-
-    The checkout wins over the packaged copy so that an editable install builds
-    what is being edited.
-    """
-    chosen = override if override is not None else os.environ.get("KERNELEXEC_IMAGE_DIR")
-    if chosen:
-        path = Path(chosen).expanduser().resolve()
-        if not (path / "Dockerfile").is_file():
-            raise ImageBuildError(f"{path} is not a kernel image recipe (no Dockerfile in it); "
-                                  "fix KERNELEXEC_IMAGE_DIR or unset it")
-        return path
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "kernel-image", here / "_kernel_image"):
-        if (candidate / "Dockerfile").is_file():
-            return candidate
-    raise ImageBuildError("the kernel image recipe (kernel-image/) is missing from this installation; "
-                          "reinstall kernelexec, or set KERNELEXEC_IMAGE_DIR to a checkout's kernel-image/")
-
-
-def recipe_files(recipe_dir: Path | None = None) -> list[tuple[str, Path]]:
-    """The files that define the image, as (relative POSIX path, path), sorted.
-
-    Everything in the directory counts, so that a file added to the recipe
-    changes the tag without anyone having to remember to list it; left out are
-    the per-build inputs (``wheelhouse/``, ``ca/``), documentation, and editor
-    and Python droppings, which do not change what the image contains.
-    """
-    root = recipe_dir or kernel_image_dir()
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = Path(dirpath).relative_to(root)
-        dirnames[:] = [d for d in dirnames if not (d in _NOT_RECIPE_DIRS or d.startswith("."))]
-        for name in filenames:
-            if name.startswith(".") and name != ".dockerignore":
-                continue
-            if name.endswith(_NOT_RECIPE_SUFFIXES):
-                continue
-            path = Path(dirpath) / name
-            if path.is_file():
-                found.append(((rel_dir / name).as_posix(), path))
-    return sorted(found)
-
-
-def image_tag(recipe_dir: Path | None = None) -> str:
-    """``kernelexec-kernel:<first 12 hex of the recipe's sha256>``.
-
-    Paths and contents are both hashed, each length-prefixed, so that renaming
-    a file or moving bytes from one file to another also changes the tag.
-    """
-    h = hashlib.sha256()
-    for rel, path in recipe_files(recipe_dir):
-        data = path.read_bytes()
-        h.update(f"{len(rel)}:{rel}\0{len(data)}:".encode())
-        h.update(data)
-    return f"{REPO}:{h.hexdigest()[:12]}"
 
 
 def image_present(client: DockerAPI | None = None, tag: str | None = None) -> bool:
@@ -200,12 +136,12 @@ class _Engine:
 
 @contextlib.contextmanager
 def _engine(client: DockerAPI | None, *, build: bool = True) -> Iterator[_Engine]:
-    """The engine of ``client`` (default: this process's, :func:`kernelexec.dockerapi.api`). For a build
+    """The engine of ``client`` (default: this process's, :func:`kernelexec.backend.docker.api.api`). For a build
     (``build``), an engine that cannot be reached is an :class:`ImageBuildError`, said before any work.
 
     ``client`` was a docker SDK client before kernelexec stopped using the SDK: one is still accepted, with a
     DeprecationWarning, when it is connected to this process's engine (the calls go through kernelexec's
-    own client); pass a :class:`~kernelexec.dockerapi.DockerAPI` (``DockerAPI(endpoint)``) instead.
+    own client); pass a :class:`~kernelexec.backend.docker.api.DockerAPI` (``DockerAPI(endpoint)``) instead.
     """
     sdk = None
     if client is None:
@@ -214,12 +150,13 @@ def _engine(client: DockerAPI | None, *, build: bool = True) -> Iterator[_Engine
         chosen = client
     elif callable(getattr(client, "info", None)) and hasattr(client, "images"):
         warnings.warn("passing a docker SDK client to kernelexec's image functions is deprecated and will be an "
-                      "error in a future version: pass a kernelexec.dockerapi.DockerAPI (e.g. "
+                      "error in a future version: pass a kernelexec.backend.docker.api.DockerAPI (e.g. "
                       "DockerAPI(endpoint)), or nothing for the engine of this process's environment",
                       DeprecationWarning, stacklevel=4)
         chosen, sdk = api(), client
     else:
-        raise TypeError(f"client must be a kernelexec.dockerapi.DockerAPI or None, not {type(client).__name__}")
+        raise TypeError("client must be a kernelexec.backend.docker.api.DockerAPI or None, "
+                        f"not {type(client).__name__}")
     with LoopThread.held() as loop:
         engine = _Engine(chosen, loop)
         try:
@@ -228,7 +165,8 @@ def _engine(client: DockerAPI | None, *, build: bool = True) -> Iterator[_Engine
                 if sdk.info().get("ID") != ours:
                     raise ImageBuildError(
                         "the docker SDK client given is connected to another engine than this process's "
-                        f"({chosen.endpoint.describe()}); pass kernelexec.dockerapi.DockerAPI(endpoint) for it")
+                        f"({chosen.endpoint.describe()}); pass "
+                        "kernelexec.backend.docker.api.DockerAPI(endpoint) for it")
             elif build:
                 engine(chosen.version())
         except DockerUnavailable as e:
@@ -560,7 +498,7 @@ def parse_lock_text(text: str, source: str = "the lock") -> dict[str, tuple[str,
         hashes = frozenset(re.findall(r"--hash=sha256:([0-9a-f]{64})", line))
         if not m or not hashes:
             raise ImageBuildError(f"{source}: every line must be `name==version --hash=sha256:...`, not {line!r}; "
-                                  "regenerate it with kernelexec.image.lock_requirements()")
+                                  "regenerate it with kernelexec.tools.image.lock_requirements()")
         pins[_normalize(m.group(1))] = (m.group(2), hashes)
     if not pins:
         raise ImageBuildError(f"{source} pins nothing")
@@ -682,7 +620,7 @@ def lock_requirements(progress: Progress | None = None, recipe: Path | None = No
             name, version = whl.name.split("-")[:2]
             entries.append(f"{_normalize(name)}=={version} \\\n    --hash=sha256:{_sha256(whl)}")
         header = [
-            "# Generated by kernelexec.image.lock_requirements() from requirements.in: do not edit by hand.",
+            "# Generated by kernelexec.tools.image.lock_requirements() from requirements.in: do not edit by hand.",
             "# CPython 3.11, manylinux x86_64 (glibc <= 2.36) wheels; one hash per package, the wheel that pip",
             "# in the image picks. Installed with --require-hashes by both build paths.",
         ]
@@ -866,7 +804,7 @@ def build_image(client: DockerAPI | None = None, *, mode: Mode = "auto", force: 
     file in ``ca/`` are for ``docker build``. ``tag`` and ``recipe`` exist
     for tests and forks. Output lines go to ``progress``.
 
-    ``client``: the engine (a :class:`~kernelexec.dockerapi.DockerAPI`), default this process's.
+    ``client``: the engine (a :class:`~kernelexec.backend.docker.api.DockerAPI`), default this process's.
     """
     if mode not in ("auto", "online", "offline"):
         raise ValueError(f"mode must be 'auto', 'online' or 'offline', not {mode!r}")

@@ -15,28 +15,21 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from ..backend.base import Channels, ChannelsClosed
+from ..errors import ProtocolError, SandboxError
+from ..results import Execution
 from . import protocol
-from .backend.base import Channels, ChannelsClosed
-from .errors import ProtocolError, SandboxError
+from .output import Callbacks, OutputCollector
 from .protocol import Message, Signer
-from .results import TRUNCATION_MARKER, ErrorInfo, Execution, MimeBundle, Stream, strip_ansi
 
 log = logging.getLogger("kernelexec")
 
 #: After execute_reply, how long to wait for IOPub to catch up (its idle).
 IDLE_GRACE = 1.0
-MAX_TRACEBACK = 64 * 1024
-KERNEL_CUT = TRUNCATION_MARKER.split(" at {")[0]  # the kernel side writes the same marker
-#: An execute_result this small is kept even past the output budget: it is the
-#: cell's value, what an agent reads first, and there is only one per cell.
-SMALL_RESULT = 64 * 1024
-
-Callback = Callable[[Any], None]
-StreamName = Literal["stdout", "stderr"]
 
 
 class KernelGone(Exception):
@@ -62,151 +55,22 @@ def _lost(closed: ChannelsClosed) -> KernelGone | ProtocolError:
 
 
 @dataclass
-class Callbacks:
-    on_stdout: Callable[[str], None] | None = None
-    on_stderr: Callable[[str], None] | None = None
-    on_result: Callable[[MimeBundle], None] | None = None
-
-
-@dataclass
 class _Pending:
-    execution: Execution
-    limit: int
-    callbacks: Callbacks
+    """An execution in flight: its outputs, its reply, and whether IOPub has caught up."""
+
+    collector: OutputCollector
     reply: asyncio.Future[Message]
     idle: asyncio.Event = field(default_factory=asyncio.Event)
-    clear_on_next: bool = False
-    host_cut: bool = False
-    frozen: bool = False
     started: float = field(default_factory=time.monotonic)
-    callback_error: BaseException | None = None
 
-    # -- IOPub message handling, as a notebook front end would -----------------
-
-    def handle(self, msg: Message, size: int) -> None:
-        t, c = msg.msg_type, msg.content
-        ex = self.execution
-        if t == "status":
-            state = c.get("execution_state")
-            if state == "idle":
-                self.idle.set()
-                self.frozen = True  # output after idle (a background thread) is not this cell's
-            elif state == "busy":
-                self.frozen = False  # a forged idle is followed by busy again
-            return
-        if self.frozen and t in ("stream", "execute_result", "display_data", "error", "clear_output",
-                                 "update_display_data"):
-            return
-        if t == "execute_input":
-            if isinstance(c.get("execution_count"), int):
-                ex.execution_count = c["execution_count"]
-            return
-        if t == "clear_output":
-            if c.get("wait"):
-                self.clear_on_next = True
-            else:
-                ex.outputs.clear()
-            return
-        if t == "update_display_data":
-            did = _display_id(c)
-            for o in ex.outputs:
-                if isinstance(o, MimeBundle) and did is not None and o.display_id == did:
-                    o.data = _dict(c.get("data"))
-                    o.metadata = _dict(c.get("metadata"))
-            return
-        if t not in ("stream", "execute_result", "display_data", "error"):
-            return
-        if self.clear_on_next:
-            ex.outputs.clear()
-            self.clear_on_next = False
-        if t == "error":
-            tb = strip_ansi("\n".join(str(line) for line in _list(c.get("traceback"))))
-            ex.outputs.append(ErrorInfo(str(c.get("ename", "")), str(c.get("evalue", "")), tb[-MAX_TRACEBACK:]))
-            return
-        if t == "stream":
-            name: StreamName = "stderr" if c.get("name") == "stderr" else "stdout"
-            text = str(c.get("text", ""))
-            if KERNEL_CUT in text:
-                ex.truncated = True  # the kernel cut it already; keep its marker
-            text = self._take(text, name)
-            if not text:
-                return
-            last = ex.outputs[-1] if ex.outputs else None
-            if isinstance(last, Stream) and last.name == name:
-                last.text += text
-            else:
-                ex.outputs.append(Stream(name, text))
-            self._call(self.callbacks.on_stdout if name == "stdout" else self.callbacks.on_stderr, text)
-            return
-        small_result = t == "execute_result" and size <= SMALL_RESULT
-        if not small_result and (self.host_cut or ex.output_bytes + size > self.limit):
-            self._mark_truncated("stderr")
-            return
-        ex.output_bytes += size
-        if KERNEL_CUT in str(_dict(c.get("data")).get("text/plain", ""))[:200]:
-            ex.truncated = True
-        bundle = MimeBundle(
-            data=_dict(c.get("data")), metadata=_dict(c.get("metadata")),
-            kind="execute_result" if t == "execute_result" else "display_data",
-            execution_count=c.get("execution_count") if isinstance(c.get("execution_count"), int) else None,
-            display_id=_display_id(c),
-        )
-        ex.outputs.append(bundle)
-        self._call(self.callbacks.on_result, bundle)
-
-    def _take(self, text: str, name: StreamName) -> str:
-        """What of ``text`` fits in the output budget; marks the cut."""
-        ex = self.execution
-        if ex.output_bytes >= self.limit:
-            self._mark_truncated(name)
-            return ""
-        room = self.limit - ex.output_bytes
-        data = text.encode("utf-8", errors="replace")
-        if len(data) <= room:
-            ex.output_bytes += len(data)
-            return text
-        kept = data[:max(room, 0)].decode("utf-8", errors="ignore")
-        ex.output_bytes = self.limit
-        if kept:
-            last = ex.outputs[-1] if ex.outputs else None
-            if isinstance(last, Stream) and last.name == name:
-                last.text += kept
-            else:
-                ex.outputs.append(Stream(name, kept))
-        self._mark_truncated(name)
-        return ""
-
-    def _mark_truncated(self, name: StreamName) -> None:
-        if not self.host_cut:
-            self.host_cut = True
-            self.execution.truncated = True
-            self.execution.outputs.append(Stream(name, "\n" + TRUNCATION_MARKER.format(limit=self.limit) + "\n"))
-
-    def _call(self, cb: Callable[[Any], None] | None, arg: Any) -> None:
-        if cb is None or self.callback_error is not None:
-            return
-        try:
-            cb(arg)
-        except BaseException as e:  # re-raised by execute() once the execution has ended
-            self.callback_error = e
+    @property
+    def execution(self) -> Execution:
+        return self.collector.execution
 
 
 def _observe(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def _dict(v: Any) -> dict[str, Any]:
-    return v if isinstance(v, dict) else {}
-
-
-def _list(v: Any) -> list[Any]:
-    return v if isinstance(v, list) else []
-
-
-def _display_id(c: dict[str, Any]) -> str | None:
-    did = _dict(c.get("transient")).get("display_id")
-    return did if isinstance(did, str) else None
 
 
 class KernelClient:
@@ -238,9 +102,9 @@ class KernelClient:
         loop = asyncio.get_running_loop()
         self._connected = True
         self._tasks = [
-            loop.create_task(self._read_replies("shell"), name="kernelexec-shell-reader"),
-            loop.create_task(self._read_replies("control"), name="kernelexec-control-reader"),
-            loop.create_task(self._read_iopub(), name="kernelexec-iopub-reader"),
+            loop.create_task(self._guard(self._read_replies("shell")), name="kernelexec-shell-reader"),
+            loop.create_task(self._guard(self._read_replies("control")), name="kernelexec-control-reader"),
+            loop.create_task(self._guard(self._read_iopub()), name="kernelexec-iopub-reader"),
             loop.create_task(self._watch(), name="kernelexec-channels-watch"),
         ]
 
@@ -250,45 +114,40 @@ class KernelClient:
         frames = await self._channels.recv(channel)
         return protocol.parse(self._signer, frames), sum(len(f) for f in frames)
 
-    async def _read_replies(self, channel: str) -> None:
+    async def _guard(self, reader: Coroutine[Any, Any, None]) -> None:
+        """A reader's end, whatever ended it, reaches every waiting caller: a protocol violation as
+        itself, a lost transport as :func:`_lost` words it, a bug of ours rather than lost."""
         try:
-            while True:
-                msg, _ = await self._recv(channel)
-                fut = self._replies.pop(msg.parent_id or "", None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-                else:
-                    log.debug("dropped %s reply %s with unknown parent", channel, msg.msg_type)
-        except ProtocolError as e:
-            self._fail(e)
+            await reader
         except asyncio.CancelledError:
             raise
         except ChannelsClosed as e:
             self._fail(_lost(e))
-        except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
+        except Exception as e:  # ProtocolError, or a bug of ours
             self._fail(e)
 
+    async def _read_replies(self, channel: str) -> None:
+        while True:
+            msg, _ = await self._recv(channel)
+            fut = self._replies.pop(msg.parent_id or "", None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            else:
+                log.debug("dropped %s reply %s with unknown parent", channel, msg.msg_type)
+
     async def _read_iopub(self) -> None:
-        try:
-            while True:
-                msg, size = await self._recv("iopub")
-                if msg.msg_type == "iopub_welcome":
-                    self._welcome.set()
-                    continue
-                self._welcome.set()  # any IOPub message proves the subscription is live
-                p = self._pending.get(msg.parent_id or "")
-                if p is None:
-                    self.dropped += 1
-                    continue
-                p.handle(msg, size)
-        except ProtocolError as e:
-            self._fail(e)
-        except asyncio.CancelledError:
-            raise
-        except ChannelsClosed as e:
-            self._fail(_lost(e))
-        except Exception as e:  # a bug of ours: hand it to every waiting caller rather than lose it
-            self._fail(e)
+        while True:
+            msg, size = await self._recv("iopub")
+            if msg.msg_type == "iopub_welcome":
+                self._welcome.set()
+                continue
+            self._welcome.set()  # any IOPub message proves the subscription is live
+            p = self._pending.get(msg.parent_id or "")
+            if p is None:
+                self.dropped += 1
+                continue
+            if p.collector.handle(msg.msg_type, msg.content, size):
+                p.idle.set()
 
     async def _watch(self) -> None:
         closed = await self._channels.wait_closed()
@@ -355,7 +214,7 @@ class KernelClient:
         content = {"code": code, "silent": silent, "store_history": not silent, "user_expressions": {},
                    "allow_stdin": False, "stop_on_error": True}
         msg_id, fut = await self.request("shell", "execute_request", content)
-        self._pending[msg_id] = _Pending(Execution(code=code), self._max_out, callbacks, fut)
+        self._pending[msg_id] = _Pending(OutputCollector(Execution(code=code), self._max_out, callbacks), fut)
         return msg_id
 
     async def finish(self, msg_id: str, timeout: float | None) -> Execution:
@@ -371,21 +230,10 @@ class KernelClient:
         except asyncio.TimeoutError:
             log.debug("no idle for %s within %.1fs (IOPub dropped it?)", msg_id, IDLE_GRACE)
         self._pending.pop(msg_id, None)
-        ex = p.execution
-        status = reply.content.get("status")
-        ex.status = status if status in ("ok", "error", "aborted") else "error"
-        if isinstance(reply.content.get("execution_count"), int):
-            ex.execution_count = reply.content["execution_count"]
-        peak = _dict(reply.metadata.get("kernelexec")).get("memory_peak")
-        if isinstance(peak, int) and not isinstance(peak, bool):
-            ex.memory_peak = peak
-        if ex.status == "error" and ex.error is None:
-            c = reply.content
-            tb = strip_ansi("\n".join(str(x) for x in _list(c.get("traceback"))))
-            ex.outputs.append(ErrorInfo(str(c.get("ename", "")), str(c.get("evalue", "")), tb[-MAX_TRACEBACK:]))
+        ex = p.collector.finish(reply.content, reply.metadata)
         ex.duration = time.monotonic() - p.started
-        if p.callback_error is not None:
-            raise p.callback_error
+        if p.collector.callback_error is not None:
+            raise p.collector.callback_error
         return ex
 
     # -- is_complete (issue 11, REPL continuation lines) ------------------------------

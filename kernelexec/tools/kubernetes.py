@@ -1,7 +1,7 @@
 """A session as Kubernetes objects: the Pod, its default-deny NetworkPolicy, the RuntimeClass it names,
 and the RBAC a host needs. Pure: dictionaries in, dictionaries out, no client library and no I/O.
 
-The Pod is the attach transport's container (:func:`kernelexec.backend.attach.engine.create_body`)
+The Pod is the attach transport's container (:func:`kernelexec.backend.docker.attach.create_body`)
 said in Kubernetes' words, built from the same pieces of :mod:`kernelexec.policy` (sizes, scratch
 directories, environment, rlimits, user) so that the two cannot drift apart; ``tests/test_kubernetes.py``
 compares them field by field. What Kubernetes has no field for is said where it is handled:
@@ -24,10 +24,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-from .backend.attach.engine import RELAY_DIR, RELAY_DIR_SIZE, attach_env, bootstrap_command
-from .container import LABEL, LABEL_POLICY, LABEL_TRANSPORT
-from .errors import KernelExecError
-from .policy import HOME, SITE_DIR, WORKDIR, Policy, parse_size, resolve_user, scratch_dirs, ulimits
+from ..backend.attach.boot import RELAY_DIR, RELAY_DIR_SIZE, attach_env, bootstrap_command
+from ..backend.docker.sandbox import LABEL, LABEL_POLICY, LABEL_TRANSPORT
+from ..errors import KernelExecError
+from ..policy import HOME, SITE_DIR, WORKDIR, Policy, parse_size, resolve_user, scratch_dirs, ulimits
 
 __all__ = [
     "CONTAINER", "LABEL_MANAGED_BY", "LOG_STORAGE", "MANAGED_BY", "ManifestError", "SECCOMP_PROFILE",

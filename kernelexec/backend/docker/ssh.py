@@ -44,8 +44,8 @@ import tempfile
 import weakref
 from typing import IO
 
-from .engine import Endpoint
-from .errors import DockerUnavailable
+from ...errors import DockerUnavailable
+from .endpoint import Endpoint
 
 __all__ = ["CONTROL_PERSIST", "SshDialer", "SshStream"]
 

@@ -1,11 +1,11 @@
 """What the engine at the endpoint is: Docker or Podman, rootless or not, its runtimes and cgroups.
 
-The endpoint (:mod:`kernelexec.engine`) says where the Engine API is; this says who answers there,
+The endpoint (:mod:`kernelexec.backend.docker.endpoint`) says where the Engine API is; this says who answers there,
 as the engine says of itself. Podman's Docker-compatible service names itself in ``GET /version``'s
 ``Components`` ("Podman Engine"); whether it runs rootless is in its own API's ``/libpod/info``
 (``host.security.rootless``), which the compatible ``/info`` does not carry. Docker says rootless
 with ``name=rootless`` among ``SecurityOptions``. ``doctor``, ``ps``, ``audit`` and the backend's
-engine-specific adjustments (:mod:`kernelexec.backend.engines`) all read this one answer.
+engine-specific adjustments (:mod:`kernelexec.backend.docker.engines`) all read this one answer.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Container lifecycle: create, start, watch, inspect, remove, garbage-collect.
+"""A sandbox's container on the Docker Engine API: create, start, watch, inspect, remove; and the
+ipc transport's sandbox (the host's socket directory bind-mounted in).
 
-Everything a session asks of the Docker engine lives here, through the
-asyncio Engine API client in :mod:`kernelexec.dockerapi`. The blocking
-entry points (atexit, SIGTERM, ``gc``) run the same coroutines on a
-short-lived loop of their own.
+Everything a session asks of the engine goes through the one asyncio client
+(:mod:`.api`). The blocking entry points (atexit, SIGTERM) run the same
+coroutines on a short-lived loop of their own; what crashed owners left is
+:mod:`.sessions`'s.
 """
 
 from __future__ import annotations
@@ -11,25 +12,20 @@ from __future__ import annotations
 import asyncio
 import atexit
 import errno
-import json
 import logging
 import os
 import signal
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ._loop import run_blocking
-from .backend.base import Channels, EgressHandler
-from .backend.base import Sandbox as BaseSandbox
-from .backend.streams import HandlerTasks
-from .dockerapi import DockerAPIError, NotFound, api, close_stream
-from .errors import (
+from ..._loop import run_blocking
+from ...errors import (
     DockerUnavailable,
     ImageNotFound,
     KernelDied,
@@ -38,18 +34,31 @@ from .errors import (
     SandboxStartError,
     kernel_out_of_memory,
 )
-from .policy import (
+from ...kernel.contract import (
+    LAUNCH_FILE,
+    PORTS,
+    SOCKET_BASENAME,
+    STARTUP_FILE,
+    connection_file,
+    kernel_argv,
+    launch_source,
+    startup_source,
+)
+from ...policy import (
     EGRESS_SOCKET,
     KERNEL_PYTHON,
     OWNER_SOCKET,
     SOCKET_MOUNT,
     Policy,
-    container_config,
     parse_size,
     resolve_user,
-    work_volume_options,
 )
-from .sockdir import CONNECTION_FILE, SOCKET_BASENAME, SocketDir, owner_pid_of, remove_path, socket_root
+from ..base import Channels, EgressHandler
+from ..base import Sandbox as BaseSandbox
+from ..sockdir import SocketDir
+from ..streams import HandlerTasks
+from .api import DockerAPIError, NotFound, api, close_stream
+from .config import container_config, work_volume_options
 
 log = logging.getLogger("kernelexec")
 
@@ -65,22 +74,7 @@ LABEL_TRANSPORT = "kernelexec.transport"
 #: Below this a SIGKILL at start is most likely the memory limit, even when the engine missed the OOM.
 SMALL_MEMORY = 128 << 20
 
-PORTS = {"shell": 1, "iopub": 2, "stdin": 3, "control": 4, "hb": 5}
 _STDERR_TAIL = 4096
-
-STARTUP_FILE = "startup.py"
-LAUNCH_FILE = "launch.py"
-
-
-def kernel_launch_source() -> bytes:
-    """:mod:`kernelexec.kernel_launch`, the kernel's main program when ``Policy.fast_kernel``."""
-    return (Path(__file__).parent / "kernel_launch.py").read_bytes()
-
-
-def kernel_startup_source() -> bytes:
-    """:mod:`kernelexec.kernel_side`, run by the kernel before the first cell."""
-    return (Path(__file__).parent / "kernel_side.py").read_bytes()
-
 
 T = TypeVar("T")
 
@@ -124,14 +118,8 @@ class ConnectionInfo:
     session_id: str
 
     def file_contents(self) -> dict[str, Any]:
-        return {
-            "transport": "ipc",
-            "ip": f"{SOCKET_MOUNT}/{SOCKET_BASENAME}",
-            **{f"{name}_port": port for name, port in PORTS.items()},
-            "key": self.key.decode(),
-            "signature_scheme": "hmac-sha256",
-            "kernel_name": "kernelexec",
-        }
+        """The connection file as the kernel reads it inside the sandbox."""
+        return connection_file(SOCKET_MOUNT, self.key)
 
 
 class DockerSandbox(BaseSandbox):
@@ -192,7 +180,7 @@ class DockerSandbox(BaseSandbox):
 
     async def _create_container(self, labels: dict[str, str], body_for: Callable[[str], dict[str, Any]]) -> None:
         """The volume, then the container whose create body ``body_for(volume)`` gives."""
-        from .backend import engines
+        from . import engines
 
         _register(self)
         docker = api()
@@ -239,14 +227,7 @@ class DockerSandbox(BaseSandbox):
             raise SandboxError(f"the engine did not give {path}: {e.explanation}") from e
 
     def command(self) -> list[str]:
-        main = [f"{SOCKET_MOUNT}/{LAUNCH_FILE}"] if self.policy.fast_kernel else ["-m", "ipykernel_launcher"]
-        return [
-            KERNEL_PYTHON, *main, "-f", f"{SOCKET_MOUNT}/{CONNECTION_FILE}",
-            # history on disk is pointless in a throwaway sandbox and costs time per cell
-            "--HistoryManager.hist_file=:memory:",
-            "--IPKernelApp.quiet=True",
-            f"--IPKernelApp.exec_files={SOCKET_MOUNT}/{STARTUP_FILE}",
-        ]
+        return kernel_argv(KERNEL_PYTHON, SOCKET_MOUNT, fast=self.policy.fast_kernel)
 
     async def start(self) -> None:
         assert self.container_id is not None
@@ -262,6 +243,14 @@ class DockerSandbox(BaseSandbox):
             return dict((await api().inspect(self.container_id))["State"])
         except NotFound:
             return None
+
+    async def wait_stopped(self) -> int:
+        if self.container_id is None:
+            return 0
+        try:
+            return int((await api().wait(self.container_id)).get("StatusCode", 0))
+        except NotFound:
+            return 0
 
     async def death(self, wait: float = 2.0, cause: str | None = None) -> KernelDied:
         """The typed error for a kernel that went away, with Docker's reason.
@@ -372,7 +361,7 @@ class IpcSandbox(DockerSandbox):
     """The kernel's ZeroMQ ipc sockets in a host directory bind-mounted into the container.
 
     The fastest transport, for a local Linux engine whose runtime shares unix sockets with the
-    host (runc): the socket directory (:mod:`kernelexec.sockdir`) is the only host path the
+    host (runc): the socket directory (:mod:`kernelexec.backend.sockdir`) is the only host path the
     container sees, and the host connects only to the inodes it verified.
     """
 
@@ -394,9 +383,9 @@ class IpcSandbox(DockerSandbox):
         _register(self)
         self.sockdir = SocketDir(self.uid, self.gid)
         self.sockdir.write_connection_file(self.conn.file_contents())
-        self.sockdir.write_file(STARTUP_FILE, kernel_startup_source())
+        self.sockdir.write_file(STARTUP_FILE, startup_source())
         if self.policy.fast_kernel:
-            self.sockdir.write_file(LAUNCH_FILE, kernel_launch_source())
+            self.sockdir.write_file(LAUNCH_FILE, launch_source())
         sockdir = str(self.sockdir.path)
         if self.egress is not None:
             await self._serve_egress()
@@ -423,7 +412,7 @@ class IpcSandbox(DockerSandbox):
 
     async def open(self) -> Channels:
         """Start; wait for the kernel's sockets (or its early exit), connect to the verified inodes."""
-        from .backend.ipc import ZmqChannels
+        from ..ipc import ZmqChannels
 
         assert self.sockdir is not None
         attach = await self.attach()  # ends exactly when the container exits: a failed start, not a slow one
@@ -573,178 +562,3 @@ def destroy_all() -> None:
 
 
 # -- listing and garbage collection ---------------------------------------------
-
-@dataclass
-class SessionInfo:
-    session_id: str
-    container_id: str
-    status: str
-    owner_pid: int
-    owner_alive: bool
-    host: str
-    created: str
-    image: str
-    #: "ipc" or "attach" (older sessions carry no label: they were ipc)
-    transport: str = "ipc"
-    #: the container runtime (gVisor's "runsc"...), empty for the engine's default
-    runtime: str = ""
-
-
-async def alist_sessions(all_hosts: bool = False) -> list[SessionInfo]:
-    out = []
-    here = socket.gethostname()
-    for c in await api().containers(LABEL):
-        labels = c.get("Labels") or {}
-        host = labels.get(LABEL_HOST, "")
-        if host != here and not all_hosts:
-            continue
-        try:
-            pid = int(labels.get(LABEL_PID, "0"))
-        except ValueError:
-            pid = 0
-        out.append(SessionInfo(
-            session_id=labels.get(LABEL, ""), container_id=c["Id"], status=c.get("State", ""),
-            owner_pid=pid, owner_alive=host == here and pid > 0 and owner_alive(pid, labels.get(LABEL_START) or None),
-            host=host, created=labels.get(LABEL_CREATED, ""), image=c.get("Image", ""),
-            transport=labels.get(LABEL_TRANSPORT, "ipc"), runtime=_policy_runtime(labels.get(LABEL_POLICY)),
-        ))
-    return out
-
-
-def _policy_runtime(label: str | None) -> str:
-    try:
-        runtime = json.loads(label or "{}").get("runtime")
-    except (ValueError, AttributeError):
-        return ""
-    return runtime if isinstance(runtime, str) else ""
-
-
-def list_sessions(all_hosts: bool = False) -> list[SessionInfo]:
-    """Every kernelexec container on the engine (this host's unless ``all_hosts``)."""
-    return run_blocking(alist_sessions(all_hosts))
-
-
-@dataclass
-class GcReport:
-    containers: list[str]
-    volumes: list[str]
-    socket_dirs: list[str]
-    errors: list[str]
-
-
-async def agc(*, everything: bool = False) -> GcReport:
-    """Remove what dead owners left: containers, volumes, socket directories.
-
-    ``everything`` also removes sessions of live processes on this host
-    (but never this process's own live sessions). Sessions started on another
-    host sharing the engine are left alone.
-    """
-    docker = api()
-    here = socket.gethostname()
-    mine = {sb.conn.session_id for sb in live_sandboxes()}
-    report = GcReport([], [], [], [])
-
-    def orphan(labels: dict[str, str]) -> bool:
-        if labels.get(LABEL_HOST, here) != here or labels.get(LABEL) in mine:
-            return False
-        try:
-            pid = int(labels.get(LABEL_PID, "0"))
-        except ValueError:
-            return True
-        return everything or not owner_alive(pid, labels.get(LABEL_START) or None)
-
-    for c in await docker.containers(LABEL):
-        labels = c.get("Labels") or {}
-        if not orphan(labels):
-            continue
-        try:
-            await docker.remove_container(c["Id"])
-            report.containers.append(c["Id"][:12])
-        except NotFound:
-            pass  # removed meanwhile: what gc wanted
-        except DockerAPIError as e:
-            report.errors.append(f"container {c['Id'][:12]}: {e.explanation}")
-        sockdir = labels.get(LABEL_SOCKDIR)
-        if sockdir:
-            _gc_dir(Path(sockdir), report)
-    for v in await docker.volumes(LABEL):
-        if not orphan(v.get("Labels") or {}):
-            continue
-        try:
-            await docker.remove_volume(v["Name"])
-            report.volumes.append(v["Name"])
-        except NotFound:
-            pass  # removed meanwhile: what gc wanted
-        except DockerAPIError as e:
-            report.errors.append(f"volume {v['Name']}: {e.explanation}")
-    live_dirs = {sb.sockdir.path.name for sb in live_sandboxes() if sb.sockdir}
-    for entry in _scan(socket_root()):
-        pid = owner_pid_of(entry.name)
-        if pid is None or entry.name in live_dirs:
-            continue
-        if everything or process_start_ticks(pid) is None:
-            _gc_dir(Path(entry.path), report)
-    return report
-
-
-_startup_gc_done = False
-
-
-async def startup_gc() -> None:
-    """Once per process, before the first session: remove what dead owners left behind.
-
-    A failure here is logged, not raised: leftovers of another process must
-    not stop this one from working, and ``kernelexec gc`` reports them too.
-    """
-    global _startup_gc_done
-    if _startup_gc_done:
-        return
-    _startup_gc_done = True
-    try:
-        report = await agc()
-    except (SandboxError, OSError) as e:
-        log.warning("could not clean up after earlier crashed processes: %s", e)
-        return
-    for kind in ("containers", "volumes", "socket_dirs"):
-        if getattr(report, kind):
-            log.info("removed %d %s left by processes that died: %s", len(getattr(report, kind)),
-                     kind.replace("_", " "), ", ".join(getattr(report, kind)))
-    for err in report.errors:
-        log.warning("gc: %s", err)
-
-
-async def retry_failed_cleanups() -> None:
-    """Finish cleanups that failed earlier (typically while the Docker engine was restarting)."""
-    for sb in live_sandboxes():
-        if sb.cleanup_failed:
-            try:
-                await sb.destroy()
-            except SandboxError as e:
-                log.warning("%s", e)  # still failing: stays registered for the next try and for exit
-
-
-def gc(*, everything: bool = False) -> GcReport:
-    """Blocking form of :func:`agc`, for the CLI."""
-    return run_blocking(agc(everything=everything))
-
-
-def _scan(root: Path) -> Iterator[os.DirEntry[str]]:
-    try:
-        with os.scandir(root) as it:
-            yield from (e for e in it if e.is_dir(follow_symlinks=False))
-    except FileNotFoundError:
-        return
-
-
-def _gc_dir(path: Path, report: GcReport) -> None:
-    if owner_pid_of(path.name) is None or path.parent != socket_root():
-        report.errors.append(f"refusing to remove {path}: not a kernelexec socket directory")
-        return
-    try:
-        remove_path(path)
-        report.socket_dirs.append(str(path))
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        report.errors.append(f"{path}: {e}")
-

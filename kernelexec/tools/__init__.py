@@ -1,0 +1,1 @@
+"""The tools around the library: the CLI, the audits, image builds and Kubernetes manifests."""
