@@ -160,12 +160,12 @@ async def _runsc_registered() -> bool:
 
 def _start_remote(log: Log) -> Any:
     """The remote test engine with the kernel image on it (blocking: run in a thread)."""
-    from kernelexec.session import _default_image
+    from kernelexec.kernel.image import default_image
 
     # the harness lives with the tests (one copy for both): `python -m benchmarks` runs from the checkout
     from tests.remote import engine as remote
 
-    image = _default_image()
+    image = default_image()
     log(f"transports: starting the remote test engine (TLS, own namespaces) and copying {image} onto it")
     return remote.start(image)
 

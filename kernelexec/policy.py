@@ -3,8 +3,10 @@
 Defaults are the safe choice. A field can be loosened, but only by setting it
 explicitly; :meth:`Policy.relaxations` lists what was loosened so that it is
 logged at session start and shown by ``kernelexec audit``. Nothing here talks
-to Docker: :func:`container_options` turns a policy into the arguments of a
-container create call, and the container module does the rest.
+to an engine: what every backend shares (the sandbox's paths, environment,
+scratch directories and rlimits) is here; each backend translates the rest
+(:mod:`kernelexec.backend.docker.config` for the Engine API's create body,
+:mod:`kernelexec.tools.kubernetes` for a Pod).
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ from .snapshot.format import DIRECTORIES, Snapshot, encode, split_work, work_for
 from .snapshot.store import Claim, PausedSession
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .backend.bridge import JupyterAccess
     from .backend.fanout import ChannelHub, SharedChannels
     from .egress.proxy import EgressEvent, EgressProxy
 
@@ -545,6 +546,19 @@ class AsyncSession:
             raise SandboxError("this session's channels are not shared: create it with share_channels=True"
                                + (" (its kernel has endpoints: connect to those)" if self.endpoints else ""))
         return self._hub.join()
+
+    async def jupyter_access(self) -> JupyterAccess:
+        """Host-local sockets through which Jupyter's own clients reach this kernel (the provisioner):
+        links to the sockets the session verified where the transport has them on this host (ipc),
+        else a bridge over :meth:`open_channels` (attach). Its ``connection_info`` is a connection
+        file without the key; close it before the session."""
+        from .backend.bridge import EndpointLinks, JupyterBridge
+
+        self._require()
+        if self.endpoints:
+            return EndpointLinks(self.endpoints)
+        return await JupyterBridge.open(self.open_channels(),
+                                        max_message_bytes=parse_size(self.policy.max_message_bytes))
 
     # -- snapshots, fork, pause and resume (issue 16; see kernelexec.snapshot) ------------
 

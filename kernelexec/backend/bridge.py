@@ -21,8 +21,11 @@ marks) and requests in flight (the hub's routes). Only this host's user (and roo
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from .base import ChannelsClosed
 from .fanout import SharedChannels
 from .sockdir import private_dir, remove_path
 
-__all__ = ["IOPUB_HWM", "REQUEST_HWM", "JupyterBridge"]
+__all__ = ["IOPUB_HWM", "REQUEST_HWM", "EndpointLinks", "JupyterAccess", "JupyterBridge"]
 
 log = logging.getLogger("kernelexec")
 
@@ -50,8 +53,44 @@ _MAX_PATH = 100
 _ROUTED = ("shell", "control", "stdin")
 
 
-class JupyterBridge:
-    """Host-local sockets in :attr:`directory` that Jupyter connects to as to a kernel."""
+class JupyterAccess(abc.ABC):
+    """Host-local sockets in :attr:`directory`, named as a connection file wants them, through which
+    Jupyter's own clients reach a session's kernel. :meth:`close` removes them (before the session)."""
+
+    directory: Path
+
+    @property
+    def connection_info(self) -> dict[str, Any]:
+        """The transport part of a connection file (the caller adds the key)."""
+        return connection_file(str(self.directory))
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Remove the sockets and the directory. Idempotent."""
+
+
+class EndpointLinks(JupyterAccess):
+    """On a transport with host sockets (ipc): a private directory of symlinks to the endpoints the
+    session verified (``/proc/self/fd/N``), so that Jupyter's clients reach exactly those sockets and
+    never a path the container could swap."""
+
+    def __init__(self, endpoints: Mapping[str, str]) -> None:
+        self.directory = private_dir()
+        try:
+            for channel, port in PORTS.items():
+                os.symlink(endpoints[channel].removeprefix("ipc://"), self.directory / f"{SOCKET_BASENAME}-{port}")
+        except BaseException:
+            remove_path(self.directory)
+            raise
+
+    async def close(self) -> None:
+        if self.directory.exists():
+            remove_path(self.directory)
+
+
+class JupyterBridge(JupyterAccess):
+    """On a transport with no host sockets (attach): sockets bound here, whose messages travel over
+    the session's shared channels."""
 
     def __init__(self, channels: SharedChannels, directory: Path, *, max_message_bytes: int) -> None:
         self.channels = channels
@@ -83,11 +122,6 @@ class JupyterBridge:
             await self.close()
             raise
         return self
-
-    @property
-    def connection_info(self) -> dict[str, Any]:
-        """The transport part of a connection file (the caller adds the key)."""
-        return connection_file(str(self.directory))
 
     async def close(self) -> None:
         """Stop, leave the hub (the session's own client goes on), remove the sockets and the

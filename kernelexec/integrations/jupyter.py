@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import tempfile
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning import KernelProvisionerBase
@@ -37,14 +36,13 @@ from traitlets import Unicode
 
 from .._loop import LoopThread
 from ..backend import default_backend
-from ..backend.sockdir import private_dir, remove_path
 from ..errors import SandboxError
-from ..kernel.contract import PORTS, SIGNATURE_SCHEME, SOCKET_BASENAME
-from ..policy import KERNEL_PYTHON, Policy, parse_size
+from ..kernel.contract import SIGNATURE_SCHEME
+from ..policy import KERNEL_PYTHON, Policy
 from ..session import AsyncSession
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..backend.bridge import JupyterBridge
+    from ..backend.bridge import JupyterAccess
 
 KERNEL_NAME = "kernelexec"
 T = TypeVar("T")
@@ -57,8 +55,8 @@ class KernelExecProvisioner(KernelProvisionerBase):
                         help="how the host reaches the kernel: auto, ipc or attach (Policy.transport)")
 
     session: AsyncSession | None = None
-    links: Path | None = None
-    bridge: JupyterBridge | None = None  # on a transport that offers no endpoints (attach)
+    #: the host-local sockets Jupyter's clients connect to (links over ipc, a bridge over attach)
+    access: JupyterAccess | None = None
     _thread: LoopThread | None = None
 
     @property
@@ -93,9 +91,9 @@ class KernelExecProvisioner(KernelProvisionerBase):
 
     async def kill(self, restart: bool = False) -> None:
         session, self.session = self.session, None
-        bridge, self.bridge = self.bridge, None
-        if session is not None or bridge is not None:
-            await self._on_loop(_close(session, bridge))
+        access, self.access = self.access, None
+        if session is not None or access is not None:
+            await self._on_loop(_close(session, access))
 
     async def terminate(self, restart: bool = False) -> None:
         await self.kill(restart)
@@ -104,9 +102,6 @@ class KernelExecProvisioner(KernelProvisionerBase):
         try:
             await self.kill(restart)
         finally:
-            links, self.links = self.links, None
-            if links is not None:
-                remove_path(links)
             if self._thread is not None:
                 self._thread = None
                 LoopThread.release()
@@ -124,29 +119,19 @@ class KernelExecProvisioner(KernelProvisionerBase):
         if acquired:
             self._thread = LoopThread.acquire()
         try:
-            session, bridge = await self._on_loop(_open(policy, self.profile))
+            session, access = await self._on_loop(_open(policy, self.profile))
         except BaseException:
             if acquired:  # no cleanup() follows a failed launch
                 self._thread = None
                 LoopThread.release()
             raise
-        self.session, self.bridge = session, bridge
+        self.session, self.access = session, access
         assert session.key is not None
-        if bridge is not None:
-            ip = bridge.connection_info["ip"]
-        else:
-            self.links = private_dir()
-            for channel, port in PORTS.items():
-                os.symlink(session.endpoints[channel].removeprefix("ipc://"),
-                           self.links / f"{SOCKET_BASENAME}-{port}")
-            ip = str(self.links / SOCKET_BASENAME)
-        info: KernelConnectionInfo = {
-            "transport": "ipc", "ip": ip, "shell_port": PORTS["shell"], "iopub_port": PORTS["iopub"],
-            "stdin_port": PORTS["stdin"], "control_port": PORTS["control"], "hb_port": PORTS["hb"],
+        info = cast(KernelConnectionInfo, {
+            **access.connection_info,
             # bytes, as KernelManager.get_connection_info() gives it back: launch_kernel's info must equal it
-            "key": session.key,  # type: ignore[typeddict-item]
-            "signature_scheme": SIGNATURE_SCHEME, "kernel_name": KERNEL_NAME,
-        }
+            "key": session.key, "signature_scheme": SIGNATURE_SCHEME, "kernel_name": KERNEL_NAME,
+        })
         self.connection_info = info
         return info
 
@@ -156,27 +141,21 @@ class KernelExecProvisioner(KernelProvisionerBase):
         return info
 
 
-async def _open(policy: Policy | None, profile: str | None) -> tuple[AsyncSession, JupyterBridge | None]:
-    """A started session, and the Jupyter bridge to it when its transport offers no endpoints."""
+async def _open(policy: Policy | None, profile: str | None) -> tuple[AsyncSession, JupyterAccess]:
+    """A started session, and the host-local sockets Jupyter's clients reach it through."""
     session = AsyncSession(policy, profile=profile, share_channels=True)
     try:
         await session.start()
-        if session.endpoints:
-            return session, None
-        from ..backend.bridge import JupyterBridge
-
-        bridge = await JupyterBridge.open(session.open_channels(),
-                                          max_message_bytes=parse_size(session.policy.max_message_bytes))
-        return session, bridge
+        return session, await session.jupyter_access()
     except BaseException:
         await session.close()
         raise
 
 
-async def _close(session: AsyncSession | None, bridge: JupyterBridge | None) -> None:
+async def _close(session: AsyncSession | None, access: JupyterAccess | None) -> None:
     try:
-        if bridge is not None:
-            await bridge.close()
+        if access is not None:
+            await access.close()
     finally:
         if session is not None:
             await session.close()

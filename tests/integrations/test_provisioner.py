@@ -48,13 +48,20 @@ def check_sandbox(docker, provisioner, transport: str) -> None:
     assert session.transport == transport
     mounts = docker.api.inspect_container(session.container_id)["Mounts"]
     ip = Path(provisioner.connection_info["ip"])
+    from kernelexec.backend.bridge import EndpointLinks, JupyterBridge
+
+    access = provisioner.access
+    assert ip.parent == access.directory and stat.S_IMODE(os.stat(ip.parent).st_mode) == 0o700
     if transport == "attach":
         assert [m for m in mounts if m["Type"] == "bind"] == []
-        assert provisioner.bridge is not None and ip.parent == provisioner.bridge.directory
-        assert stat.S_IMODE(os.stat(ip.parent).st_mode) == 0o700
+        assert isinstance(access, JupyterBridge)
         assert all(stat.S_ISSOCK(os.stat(f"{ip}-{p}").st_mode) for p in range(1, 6))
     else:
-        assert provisioner.bridge is None and ip.parent == provisioner.links
+        # links to the sockets the session verified (its /proc/self/fd/N), never a path the container holds
+        assert isinstance(access, EndpointLinks)
+        targets = [os.readlink(f"{ip}-{p}") for p in range(1, 6)]
+        assert targets == [session.endpoints[c].removeprefix("ipc://")
+                           for c in ("shell", "iopub", "stdin", "control", "hb")]
 
 
 def test_nbclient_runs_every_notebook_in_a_sandbox(docker, kernelspec_prefix):
