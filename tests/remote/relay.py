@@ -29,7 +29,16 @@ async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 
 
 async def serve(listener: socket.socket, target_port: int) -> None:
+    # asyncio (3.11) keeps a connection's handler task only through its protocol: a connection whose
+    # far end vanished can be collected with its task still waiting ("Task was destroyed but it is
+    # pending"). Strong references until each ends.
+    handlers: set[asyncio.Task[None]] = set()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        task.add_done_callback(handlers.discard)
         # asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and an accepted socket of a
         # listener made with socket.socket() says 0: without this, Nagle's algorithm meets delayed
         # ACKs and most round trips through the relay pay 40 ms (measured)
