@@ -530,6 +530,41 @@ def test_new_connections_are_rate_limited_by_a_token_bucket():
     asyncio.run(main())
 
 
+def test_a_flood_of_refused_connections_is_recorded_as_counted_summaries():
+    """Code looping on a refused name must not grow the host's audit log at the speed it can connect:
+    past ``refusal_events_per_minute`` refusals are counted, then recorded as one summary event (when the
+    next refusal may be recorded, and at the end); allowed connections are recorded one by one throughout."""
+    now = [1000.0]
+
+    async def main() -> list[EgressEvent]:
+        async with serve(echo) as target, running([f"127.0.0.1:{target.port}"],
+                                                  EgressLimits(refusal_events_per_minute=3),
+                                                  clock=lambda: now[0]) as h:
+            for _ in range(10):
+                assert (await refused(h.port, connect("blocked.example", 443)))[0] == 403
+            assert (await refused(h.port, connect("other.example", 80)))[0] == 403
+            _, writer, answer = await ask(h.port, connect("127.0.0.1", target.port))
+            assert answer.startswith(b"HTTP/1.1 200")
+            writer.close()
+            await writer.wait_closed()
+            await h.wait_events(4)  # 3 refusals one by one, then the allowed one; 8 refusals counted
+            now[0] += 20.0  # one token back: the next refusal is recorded, after a summary of the others
+            assert (await refused(h.port, connect("blocked.example", 443)))[0] == 403
+            await h.wait_events(6)
+            for _ in range(2):  # over again: counted until the end
+                assert (await refused(h.port, connect("blocked.example", 443)))[0] == 403
+        return h.events  # the proxy is closed: the last summary is out
+
+    events = asyncio.run(main())
+    kinds = [(e.verdict, e.kind, e.count) for e in events]
+    assert kinds == [("refused", "connect", 1)] * 3 + [("allowed", "connect", 1), ("refused", "summary", 8),
+                                                       ("refused", "connect", 1), ("refused", "summary", 2)]
+    summary = events[4]
+    assert summary.reason.startswith("8 refused connections not recorded one by one (more than 3 a minute)")
+    assert "blocked.example:443 (403) x7" in summary.reason and "other.example:80 (403) x1" in summary.reason
+    assert sum(e.count for e in events if e.verdict == "refused") == 14  # every one counted
+
+
 # --- the host's own proxy -------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import ipaddress
 import logging
 import os
@@ -73,6 +74,11 @@ class EgressLimits:
     #: seconds for a name to resolve, and for one onward connection (with the upstream's answer)
     resolve_timeout: float = 10.0
     connect_timeout: float = 15.0
+    #: refused connections recorded one by one a minute (a bucket this big); past it they are counted and
+    #: recorded as one summary event, so that code looping on a refused name cannot grow the host's audit log
+    #: at the speed it can open connections. Allowed connections are always recorded one by one (the rate
+    #: limit bounds them).
+    refusal_events_per_minute: int = 120
 
     @classmethod
     def from_policy(cls, policy: Policy) -> EgressLimits:
@@ -98,12 +104,15 @@ class EgressEvent:
     bytes_down: int = 0
     #: seconds from the connection's arrival to its end
     duration: float = 0.0
-    #: "connect" (a tunnel), "http" (a plain request) or "" (unreadable)
+    #: "connect" (a tunnel), "http" (a plain request), "" (unreadable), or "summary": refused connections
+    #: not recorded one by one (``count`` of them; ``reason`` names the targets most refused)
     kind: str = ""
     #: the status the proxy answered (200 for a tunnel; 0 when the response was the server's)
     status: int = 0
     #: the byte budget ran out during this connection and it was cut
     cut: bool = False
+    #: how many connections this event stands for (more than 1 only for a summary)
+    count: int = 1
 
 
 class UpstreamProxyError(ValueError):
@@ -286,6 +295,9 @@ class EgressProxy:
         self.upstream = UpstreamProxies.from_environ() if upstream is None else upstream
         self.clock = clock
         self._bucket = _Bucket(limits.rate_per_minute, clock)
+        self._refusals_recorded = _Bucket(limits.refusal_events_per_minute, clock)
+        #: refused connections not yet recorded, by target and status
+        self._unrecorded: collections.Counter[tuple[str, int]] = collections.Counter()
         self._tasks: dict[asyncio.Task[None], tuple[ByteStream, _Conn]] = {}
         self._active = 0
         self._bytes = 0
@@ -345,6 +357,7 @@ class EgressProxy:
             await self._finish(stream, conn)
             if not task.cancelled() and task.exception() is not None:
                 log.error("egress connection failed", exc_info=task.exception())
+        self._record_unrecorded()
 
     def _tasks_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
@@ -563,8 +576,28 @@ class EgressProxy:
             return f"{side} connection failed: {e.strerror or e}"
 
     def _emit(self, conn: _Conn) -> None:
-        event = EgressEvent(conn.host, conn.port, conn.address, conn.verdict, conn.reason, conn.up, conn.down,
-                            round(self.clock() - conn.started, 6), conn.kind, conn.status, conn.cut)
+        if conn.verdict == "refused":
+            if not self._refusals_recorded.take():
+                self._unrecorded[(_display(conn.host, conn.port) if conn.host else "(unreadable)", conn.status)] += 1
+                return
+            self._record_unrecorded()
+        self._deliver(EgressEvent(conn.host, conn.port, conn.address, conn.verdict, conn.reason, conn.up, conn.down,
+                                  round(self.clock() - conn.started, 6), conn.kind, conn.status, conn.cut))
+
+    def _record_unrecorded(self) -> None:
+        """One summary event for the refusals counted but not recorded, if any."""
+        if not self._unrecorded:
+            return
+        counts, self._unrecorded = self._unrecorded, collections.Counter()
+        total = sum(counts.values())
+        most = ", ".join(f"{target} ({status or 'closed'}) x{n}" for (target, status), n in counts.most_common(5))
+        more = f" and {len(counts) - 5} more targets" if len(counts) > 5 else ""
+        self._deliver(EgressEvent(
+            "", 0, "", "refused", f"{total} refused connections not recorded one by one (more than "
+                                  f"{self.limits.refusal_events_per_minute} a minute): {most}{more}",
+            kind="summary", count=total))
+
+    def _deliver(self, event: EgressEvent) -> None:
         try:
             self.on_event(event)
         except Exception:
