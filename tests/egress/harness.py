@@ -346,6 +346,8 @@ class SeenRequest:
     status: int | None
     bytes_sent: int
     complete: bool
+    #: the handler is done with it (``complete`` and ``bytes_sent`` are final)
+    finished: bool
 
 
 #: A resolver as the egress proxy takes it: (host, port) -> addresses.
@@ -399,11 +401,12 @@ class EgressIndex:
             raise KeyError(f"the index has no wheel of {project} {version or ''}".strip())
         return max(builds, key=lambda w: tuple(int(p) for p in w.version.split(".")))
 
-    def _seen(self) -> dict[str, Any]:
-        """The server's record, from its control listener (plain HTTP, never through a proxy)."""
+    def _seen(self, settled: bool = False) -> dict[str, Any]:
+        """The server's record, from its control listener (plain HTTP, never through a proxy); ``settled``:
+        once every request's handler has finished (the server waits up to 20 s)."""
         conn = http.client.HTTPConnection(self.address, self.control_port, timeout=30)
         try:
-            conn.request("GET", "/seen")
+            conn.request("GET", "/seen?settled" if settled else "/seen")
             response = conn.getresponse()
             body = response.read()
             if response.status != 200:
@@ -416,9 +419,10 @@ class EgressIndex:
         """The sequence number of the last connection or request seen: pass it as ``since`` later."""
         return int(self._seen()["seq"])
 
-    def requests_seen(self, since: int = 0) -> list[SeenRequest]:
-        """The requests the HTTPS and HTTP listeners parsed after ``since`` (a :meth:`mark`), in order."""
-        return [SeenRequest(**r) for r in self._seen()["requests"] if r["seq"] > since]
+    def requests_seen(self, since: int = 0, *, settled: bool = False) -> list[SeenRequest]:
+        """The requests the HTTPS and HTTP listeners parsed after ``since`` (a :meth:`mark`), in order;
+        ``settled``: once their handlers have finished, for a test that reads ``complete`` or ``bytes_sent``."""
+        return [SeenRequest(**r) for r in self._seen(settled)["requests"] if r["seq"] > since]
 
     def connections_seen(self, since: int = 0) -> list[SeenConnection]:
         """The connections the HTTPS and HTTP listeners accepted after ``since``, in order."""

@@ -57,6 +57,7 @@ class Record:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._seq = 0
         self._connections: list[dict[str, Any]] = []
         self._requests: list[dict[str, Any]] = []
@@ -71,9 +72,14 @@ class Record:
     def update(self, entry: dict[str, Any], **fields: Any) -> None:
         with self._lock:
             entry.update(fields)
+            self._changed.notify_all()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, settle: float = 0.0) -> dict[str, Any]:
+        """The record; with ``settle``, once every request's handler has finished (or after ``settle``
+        seconds): a client can read a whole response before the handler records that it sent it."""
         with self._lock:
+            if settle:
+                self._changed.wait_for(lambda: all(r["finished"] for r in self._requests), settle)
             return {"seq": self._seq, "connections": [dict(c) for c in self._connections],
                     "requests": [dict(r) for r in self._requests]}
 
@@ -103,8 +109,17 @@ class IndexHandler(SimpleHTTPRequestHandler):
             "request", connection=self.kx_connection["seq"], scheme=self.server.scheme, port=self.server.port,
             peer=self.client_address[0], sni=self.kx_sni, method=self.command, target=target,
             path=self.path, host=self.headers.get("Host"),
-            headers={k.lower(): v for k, v in self.headers.items()}, status=None, bytes_sent=0, complete=False)
+            headers={k.lower(): v for k, v in self.headers.items()}, status=None, bytes_sent=0, complete=False,
+            finished=False)
         return True
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        finally:
+            entry, self.kx_entry = self.kx_entry, None
+            if entry is not None:
+                self.server.record.update(entry, finished=True)
 
     def send_response(self, code: int, message: str | None = None) -> None:
         if self.kx_entry is not None:
@@ -201,10 +216,11 @@ class ControlHandler(BaseHTTPRequestHandler):
     server: ControlServer
 
     def do_GET(self) -> None:
-        if self.path != "/seen":
-            self.send_error(404, "the control listener serves GET /seen")
+        path, _, query = self.path.partition("?")
+        if path != "/seen" or query not in ("", "settled"):
+            self.send_error(404, "the control listener serves GET /seen and GET /seen?settled")
             return
-        body = json.dumps(self.server.record.snapshot()).encode()
+        body = json.dumps(self.server.record.snapshot(settle=20.0 if query else 0.0)).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -128,9 +128,9 @@ def test_plain_http_takes_absolute_form_and_the_record_says_what_arrived(egress_
         assert (response.status, response.read()) == (200, blob_bytes(10))
     finally:
         conn.close()
-    (request,) = egress_index.requests_seen(mark)
+    (request,) = egress_index.requests_seen(mark, settled=True)
     (connection,) = egress_index.connections_seen(mark)
-    assert request.connection == connection.seq and connection.scheme == request.scheme == "http"
+    assert request.finished and request.connection == connection.seq and connection.scheme == request.scheme == "http"
     assert request.target == egress_index.blob_url(10, scheme="http", by_name=True) and request.path == "/blob/10"
     assert (request.host, request.headers["x-kxtest"], request.status, request.complete) == (
         egress_index.hostname, "1", 200, True)
