@@ -37,24 +37,28 @@ def log(line: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
-async def machine() -> dict[str, Any]:
+def _host() -> dict[str, Any]:
+    """What the host is, from /proc and /etc (small files: read on a worker thread all the same)."""
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     mem = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
     os_name = next((ln.split("=", 1)[1].strip('"') for ln in Path("/etc/os-release").read_text().splitlines()
                     if ln.startswith("PRETTY_NAME=")), platform.system())
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**20, 1), "os": os_name,
+            "kernel": platform.release(), "python": platform.python_version(),
+            "cgroup": "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1"}
+
+
+async def machine() -> dict[str, Any]:
+    host = await asyncio.to_thread(_host)
     version = await api().version()
     runsc = shutil.which("runsc")
     if runsc:  # which gVisor the attach/runsc figures are of
         done = await asyncio.to_thread(subprocess.run, [runsc, "--version"], check=False, capture_output=True,
                                        text=True, timeout=30)
         runsc = done.stdout.split("\n")[0] or f"{runsc} (--version failed: {done.stderr.strip()})"
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**20, 1), "os": os_name,
-        "kernel": platform.release(), "python": platform.python_version(),
-        "docker": version.get("Version"), "cgroup": "v2" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "v1",
-        "ipykernel": ipykernel_version(), "kernelexec": __version__, "runsc": runsc,
-    }
+    return {**host, "docker": version.get("Version"), "ipykernel": ipykernel_version(), "kernelexec": __version__,
+            "runsc": runsc}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:

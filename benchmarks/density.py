@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kernelexec import AsyncSession, Policy
 from kernelexec.backend.docker.api import api
@@ -121,7 +122,7 @@ async def run(levels: list[int], idle_window: float, log: Callable[[str], None])
             ids = {s.container_id for s in sessions if s.container_id}
             shim_rss = sum(_rss(pid) for pid in _shims(ids))
             mem = [m for m, _ in after]
-            container_cpu_s = sum(c1 - c0 for (_, c0), (_, c1) in zip(before, after)) / 1e9
+            container_cpu_s = sum(c1 - c0 for (_, c0), (_, c1) in zip(before, after, strict=True)) / 1e9
             level = {
                 "n": n,
                 "start_wall_s": round(wall, 2),

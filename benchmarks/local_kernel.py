@@ -17,8 +17,8 @@ from types import TracebackType
 from kernelexec import Policy
 from kernelexec.backend.local import LocalSandbox
 from kernelexec.kernel.client import KernelClient
-from kernelexec.policy import parse_size
 from kernelexec.kernel.protocol import new_key
+from kernelexec.policy import parse_size
 
 
 class LocalKernel:

@@ -16,8 +16,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import docker
 import docker.errors
@@ -168,7 +169,7 @@ async def _cmdline(tag: str, n: int, cold_runs: int, log: Log) -> dict[str, Any]
 def run(*, quick: bool, log: Log) -> dict[str, Any]:
     """Both peers; a peer that fails is reported with its error, the other still runs."""
     try:
-        import autogen_ext.code_executors.docker  # noqa: F401
+        import autogen_ext.code_executors.docker
         import autogen_ext.code_executors.docker_jupyter  # noqa: F401
     except ImportError as e:
         return {"skipped": f"autogen-ext with its Docker extras is not installed ({e}); "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from kernelexec import AsyncSession, Policy
 from kernelexec.kernel.client import Callbacks, KernelClient

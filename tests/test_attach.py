@@ -13,16 +13,17 @@ import json
 import os
 import secrets
 from collections import defaultdict
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import pytest
 
 from kernelexec import Policy
 from kernelexec.backend.attach.boot import boot_message
-from kernelexec.backend.docker.attach import AttachSandbox, attach
 from kernelexec.backend.base import Channels, ChannelsClosed
-from kernelexec.backend.docker.sandbox import ConnectionInfo
 from kernelexec.backend.docker.api import DockerAPI, DockerAPIError, api, close_stream
+from kernelexec.backend.docker.attach import AttachSandbox, attach
+from kernelexec.backend.docker.sandbox import ConnectionInfo
 from kernelexec.kernel.protocol import Message, Signer, build, new_key, parse
 
 T = TypeVar("T")

@@ -20,8 +20,8 @@ import pytest
 from kernelexec.backend.attach.channels import AttachChannels
 from kernelexec.backend.attach.framing import Limits, encode_link
 from kernelexec.backend.base import ChannelsClosed
-from kernelexec.kernel.client import KernelClient, KernelGone
 from kernelexec.errors import ProtocolError
+from kernelexec.kernel.client import KernelClient, KernelGone
 from kernelexec.kernel.protocol import new_key
 
 from .conftest import run_alone

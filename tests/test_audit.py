@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from kernelexec import Policy
-from kernelexec.tools.audit import audit_policy, audit_profiles, container_deviations, format_table, run_audit, to_json
 from kernelexec.backend.docker.sandbox import LABEL, LABEL_HOST, LABEL_PID, LABEL_POLICY
+from kernelexec.tools.audit import audit_policy, audit_profiles, container_deviations, format_table, run_audit, to_json
 
 
 def test_default_policy_has_no_policy_findings():

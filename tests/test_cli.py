@@ -21,9 +21,9 @@ import nbformat
 import pytest
 
 from kernelexec import Policy, Session
-from kernelexec.tools.cli import main
-from kernelexec.notebook import notebook_errors, run_notebook
 from kernelexec.backend.sockdir import PREFIX, socket_root
+from kernelexec.notebook import notebook_errors, run_notebook
+from kernelexec.tools.cli import main
 
 from .sdk import docker_client
 

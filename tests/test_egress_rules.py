@@ -8,7 +8,6 @@ import json
 import pytest
 
 from kernelexec import Policy, PolicyViolation
-from kernelexec.tools.audit import audit_policy
 from kernelexec.egress.rules import (
     NAMED_SETS,
     WEB_PORTS,
@@ -19,6 +18,7 @@ from kernelexec.egress.rules import (
     review,
 )
 from kernelexec.profiles import load_profiles, profile_policy, within
+from kernelexec.tools.audit import audit_policy
 
 
 def test_entry_forms():

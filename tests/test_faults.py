@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelexec import AuditLog, AuditLogError, KernelDied, Policy, SandboxLost, Session
+from kernelexec import AuditLog, AuditLogError, KernelDied, SandboxLost, Session
 from kernelexec.backend.docker.sessions import gc
 
 from .conftest import leftovers

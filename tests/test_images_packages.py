@@ -23,6 +23,7 @@ import pytest
 
 from kernelexec import Policy, Session
 from kernelexec.errors import ImageBuildError, RestoreError
+from kernelexec.profiles import PolicyViolation, profile_policy, within
 from kernelexec.tools.packages import (
     LABEL_LOCK,
     build_packages,
@@ -36,7 +37,6 @@ from kernelexec.tools.packages import (
     request_digest,
     requirement_name,
 )
-from kernelexec.profiles import PolicyViolation, profile_policy, within
 
 # ------------------------------------------------------------------------------------------- helpers
 

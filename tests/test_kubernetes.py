@@ -27,6 +27,8 @@ import yaml
 from kernelexec.backend.attach.boot import RELAY_DIR, bootstrap_command
 from kernelexec.backend.docker.attach import create_body
 from kernelexec.backend.docker.config import work_volume_options
+from kernelexec.policy import Policy, parse_size
+from kernelexec.profiles import BUILTIN
 from kernelexec.tools.cli import main
 from kernelexec.tools.kubernetes import (
     CONTAINER,
@@ -44,8 +46,6 @@ from kernelexec.tools.kubernetes import (
     session_manifests,
     setup_manifests,
 )
-from kernelexec.policy import Policy, parse_size
-from kernelexec.profiles import BUILTIN
 
 IMAGE = "registry.example.org/kernelexec-kernel:0123456789ab"
 SESSION = "0a1b2c3d4e5f"

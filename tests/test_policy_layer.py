@@ -6,10 +6,18 @@ import json
 
 import pytest
 
-from kernelexec import AuditLog, AuditLogError, CodePolicy, ExecutionTimeout, KernelDied, Policy, PolicyViolation, Session
+from kernelexec import (
+    AuditLog,
+    AuditLogError,
+    CodePolicy,
+    ExecutionTimeout,
+    KernelDied,
+    Policy,
+    PolicyViolation,
+    Session,
+)
 from kernelexec.auditlog import code_digest
 from kernelexec.profiles import ProfileError, load_profiles, profile_policy
-
 
 PROFILES = """
 [profiles.analyst]
@@ -108,7 +116,7 @@ def test_precheck_refuses_before_running(tmp_path, kernel_image):
         r = s.execute("await __import__('asyncio').sleep(0)")
         assert r.status == "refused" and "__import__()" in r.error.evalue
         assert s.execute("import pandas as pd; int(pd.Series([1, 2]).sum())").text == "3"
-    assert "refused" in [json.loads(l)["event"] for l in log.read_text().splitlines()]
+    assert "refused" in [json.loads(line)["event"] for line in log.read_text().splitlines()]
 
 
 def test_precheck_unit_cases():

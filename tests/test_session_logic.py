@@ -32,8 +32,8 @@ from kernelexec.errors import (
     SandboxStartError,
     SessionClosed,
 )
-from kernelexec.policy import WORKDIR
 from kernelexec.kernel.protocol import new_key
+from kernelexec.policy import WORKDIR
 from kernelexec.results import Execution
 
 T = TypeVar("T")

@@ -8,6 +8,7 @@ its diagnosis; the run fails when one of them passes again, so the list cannot g
 from __future__ import annotations
 
 import os
+
 import pytest
 
 from kernelexec._loop import run_blocking

@@ -10,13 +10,13 @@ import socket
 import pytest
 
 from kernelexec import Policy
-from kernelexec.errors import ProtocolError, SandboxError
 from kernelexec.backend.docker.config import container_config
-from kernelexec.policy import parse_size, resolve_user
+from kernelexec.backend.sockdir import SocketDir, owner_pid_of
+from kernelexec.errors import ProtocolError, SandboxError
 from kernelexec.kernel.protocol import DELIM, MAX_IDENTITIES, Signer, build, parse, shape_error
+from kernelexec.policy import parse_size, resolve_user
 from kernelexec.results import Execution, MimeBundle, Stream, strip_ansi
 from kernelexec.snapshot import PausedSession
-from kernelexec.backend.sockdir import SocketDir, owner_pid_of
 
 
 def _reply(signer: Signer, content: dict, parent: str = "p1", header_extra: dict | None = None) -> list[bytes]:
@@ -229,8 +229,8 @@ def _paused(sid: str, paused_at: float, size: int, holder: int | None) -> Paused
 
 
 def test_ps_lists_paused_sessions_after_the_running_ones_or_alone(monkeypatch, tmp_path):
-    from kernelexec.tools.cli import ps_json, ps_text
     from kernelexec.backend.docker.sessions import SessionInfo
+    from kernelexec.tools.cli import ps_json, ps_text
 
     monkeypatch.setenv("KERNELEXEC_STATE_DIR", str(tmp_path))
     now = 1_800_000_000.0

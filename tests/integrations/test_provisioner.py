@@ -16,7 +16,6 @@ import nbformat
 import pytest
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 from nbclient import NotebookClient
-from nbclient.exceptions import CellTimeoutError
 
 from kernelexec.integrations.jupyter import install_kernelspec
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernelexec._loop import run_blocking
-from kernelexec.backend.docker.sandbox import LABEL
 from kernelexec.backend.docker.api import DockerAPI
 from kernelexec.backend.docker.endpoint import Endpoint, resolve_endpoint
+from kernelexec.backend.docker.sandbox import LABEL
 from kernelexec.errors import SandboxError
 
 START_TIMEOUT = 60.0

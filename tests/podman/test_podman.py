@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from kernelexec import KernelDied, Policy, Session
-from kernelexec.backend import choose_transport
 from kernelexec._loop import run_blocking
-from kernelexec.backend.docker.sandbox import LABEL
+from kernelexec.backend import choose_transport
 from kernelexec.backend.docker import api as dockerapi
 from kernelexec.backend.docker.api import DockerAPI
+from kernelexec.backend.docker.sandbox import LABEL
 from kernelexec.errors import SandboxStartError
 
 from . import engine as podman

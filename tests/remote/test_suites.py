@@ -8,8 +8,8 @@ acceptance items on a remote engine are among the tests that must pass, named be
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import time
 
 import pytest

@@ -3,7 +3,6 @@ processes that try to outlive their cell or their session."""
 
 from __future__ import annotations
 
-
 import docker as docker_sdk
 import pytest
 

@@ -12,8 +12,8 @@ anything was sent, so there is nothing to time out on.
 
 from __future__ import annotations
 
-import socket
 import secrets
+import socket
 import threading
 
 import pytest

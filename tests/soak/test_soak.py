@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import resource
 import subprocess
 import threading
 import time

@@ -23,12 +23,12 @@ from ...kernel.contract import (
     startup_source,
 )
 from ...kernel.protocol import MAX_IDENTITIES
-from ...policy import EGRESS_PORT, KERNEL_PYTHON, SOCKET_MOUNT, Policy, ScratchDir, parse_size, sandbox_env
+from ...policy import EGRESS_PORT, KERNEL_PYTHON, SOCKET_MOUNT, Policy, parse_size, sandbox_env
 from .framing import Limits, encode_boot
 from .relay import BOOTSTRAP
 
 __all__ = ["RELAY_DIR", "RELAY_DIR_SIZE", "attach_env", "boot_message", "bootstrap_command", "keepalive_interval",
-           "limits_for", "relay_dir"]
+           "limits_for"]
 
 #: The relay's private directory (a tmpfs): the kernel's files and its ipc sockets.
 RELAY_DIR = SOCKET_MOUNT
@@ -48,11 +48,6 @@ def bootstrap_command(prelude: str = "") -> list[str]:
 def attach_env(policy: Policy) -> dict[str, str]:
     """The container's environment on this transport: the policy's, without the ipc watchdog's variables."""
     return {k: v for k, v in sandbox_env(policy).items() if k not in _IPC_ONLY_ENV}
-
-
-def relay_dir(uid: int, gid: int) -> tuple[str, str]:
-    """The relay's private directory as a tmpfs mount (path, Docker's options)."""
-    return RELAY_DIR, ScratchDir(RELAY_DIR, RELAY_DIR_SIZE, private=True).tmpfs_options(uid, gid)
 
 
 def limits_for(policy: Policy) -> Limits:

@@ -13,8 +13,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...errors import KernelDied, SandboxError
-from ...policy import Policy
-from ..attach.boot import attach_env, boot_message, bootstrap_command, keepalive_interval, limits_for, relay_dir
+from ...policy import Policy, ScratchDir
+from ..attach.boot import (
+    RELAY_DIR,
+    RELAY_DIR_SIZE,
+    attach_env,
+    boot_message,
+    bootstrap_command,
+    keepalive_interval,
+    limits_for,
+)
 from ..attach.channels import AttachChannels
 from ..base import Channels, ChannelsClosed
 from . import engines
@@ -36,8 +44,8 @@ def create_body(policy: Policy, *, image: str, uid: int, gid: int, work_volume: 
     host = body["HostConfig"]
     host["Mounts"] = [m for m in host["Mounts"] if m["Type"] != "bind"]
     host["Init"] = False  # the relay is pid 1: it reaps, forwards signals, and is non-dumpable
-    path, options = relay_dir(uid, gid)
-    host["Tmpfs"] = {**host["Tmpfs"], path: options}
+    relay_dir = ScratchDir(RELAY_DIR, RELAY_DIR_SIZE, private=True)
+    host["Tmpfs"] = {**host["Tmpfs"], RELAY_DIR: relay_dir.tmpfs_options(uid, gid)}
     body["Env"] = [f"{k}={v}" for k, v in attach_env(policy).items()]
     body.update(AttachStdin=True, AttachStdout=True, AttachStderr=True, OpenStdin=True, StdinOnce=False, Tty=False)
     return body
