@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .egress.rules import EgressRuleError, parse_egress
+from .requirements import check_requirement, flavour_requirements
 
 log = logging.getLogger("kernelexec")
 
@@ -205,8 +206,6 @@ class Policy:
     idle_pause: float | None = None
 
     def __post_init__(self) -> None:
-        from .tools.packages import check_requirement, flavour_requirements
-
         if isinstance(self.packages, str):
             raise ValueError(f"Policy.packages is a list of requirements, e.g. ({self.packages!r},), not a string")
         object.__setattr__(self, "packages", tuple(self.packages))  # a list (TOML, JSON) is fine too

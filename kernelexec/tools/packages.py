@@ -52,6 +52,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..backend.docker.api import DockerAPI, DockerAPIError, NotFound
 from ..errors import ImageBuildError
+from ..requirements import (
+    FLAVOURS,
+    REQUIREMENT_RE,
+    check_requirement,
+    flavour_requirements,
+    normalize_name,
+    requirement_name,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .image import _Engine
@@ -72,13 +80,6 @@ __all__ = [
     "requirement_name",
 ]
 
-#: Named package sets. ``analysis``: what a data-analysis agent imports on day one, on top of the kernel
-#: image's numpy, pandas, matplotlib and pillow. One flag away (``image_flavour="analysis"``), not the
-#: default: see the README's "Packages in the image" for the measured size and start time.
-FLAVOURS: dict[str, tuple[str, ...]] = {
-    "analysis": ("scipy", "scikit-learn", "seaborn", "statsmodels", "openpyxl", "pyarrow"),
-}
-
 #: Labels of a derived image.
 LABEL_BASE = "kernelexec.derived.base"
 LABEL_REQUEST = "kernelexec.derived.request"
@@ -94,49 +95,9 @@ Progress = Callable[[str], None]
 Mode = Literal["offline", "online"]
 
 _PIP_TIMEOUT = 1200.0
-_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
-# name, optional [extras], optional version specifiers (comma separated), optional environment marker
-_REQUIREMENT = re.compile(
-    rf"^\s*({_NAME})\s*(\[\s*{_NAME}(?:\s*,\s*{_NAME})*\s*\])?"
-    r"\s*((?:(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)(?:\s*,\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+)*)?"
-    r"\s*(;\s*[^;#]+)?\s*$"
-)
 
 
 # ------------------------------------------------------------------------------------ pure logic
-
-
-def _normalize(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def check_requirement(spec: str) -> str:
-    """``spec`` if it is a requirement pip may resolve from an index: a name, extras, version
-    specifiers, an environment marker. Refused (ValueError, saying why): options (``-r``,
-    ``--index-url``: they would change where pip looks), URLs and paths (``pkg @ https://...``,
-    ``./dir``: nothing a lock can pin by the index's hash), empty strings."""
-    if not isinstance(spec, str):
-        raise ValueError(f"a package must be a requirement string like 'scikit-learn>=1.4', not {spec!r}")
-    text = spec.strip()
-    if not text:
-        raise ValueError("an empty package name")
-    if text.startswith("-"):
-        raise ValueError(f"{spec!r} is a pip option, not a package; give index settings with "
-                         "--index-url/--find-links (or the host's pip configuration)")
-    if "@" in text.split(";")[0] or "://" in text or "/" in text or "\\" in text:
-        raise ValueError(f"{spec!r} names a URL or a path; packages come from an index (or --find-links) "
-                         "by name, so that the lock can pin them by hash")
-    if not _REQUIREMENT.match(text):
-        raise ValueError(f"{spec!r} is not a requirement; write e.g. 'seaborn', 'scikit-learn>=1.4,<2' or "
-                         "'pandas[excel]==2.2.3'")
-    return text
-
-
-def requirement_name(spec: str) -> str:
-    """The normalized project name of a requirement (``Scikit_Learn>=1`` -> ``scikit-learn``)."""
-    m = _REQUIREMENT.match(check_requirement(spec))
-    assert m is not None
-    return _normalize(m.group(1))
 
 
 def read_requirements(path: str | os.PathLike[str]) -> tuple[list[str], str | None]:
@@ -203,9 +164,9 @@ def request_digest(base_id: str, requirements: Sequence[str], lock: str | None =
 
 def _canonical(spec: str) -> str:
     """A requirement with its name normalized and no blanks: ``Scikit_Learn >= 1`` -> ``scikit-learn>=1``."""
-    m = _REQUIREMENT.match(check_requirement(spec))
+    m = REQUIREMENT_RE.match(check_requirement(spec))
     assert m is not None
-    return _normalize(m.group(1)) + re.sub(r"\s+", "", spec.strip()[m.end(1) - m.start(0):])
+    return normalize_name(m.group(1)) + re.sub(r"\s+", "", spec.strip()[m.end(1) - m.start(0):])
 
 
 def _lock_pins(lock: str) -> dict[str, tuple[str, frozenset[str]]]:
@@ -214,13 +175,6 @@ def _lock_pins(lock: str) -> dict[str, tuple[str, frozenset[str]]]:
     return parse_lock_text(lock)
 
 
-def flavour_requirements(flavour: str | None) -> tuple[str, ...]:
-    if flavour is None:
-        return ()
-    try:
-        return FLAVOURS[flavour]
-    except KeyError:
-        raise ValueError(f"no image flavour {flavour!r}; known: {sorted(FLAVOURS)}") from None
 
 
 # ---------------------------------------------------------------------------------- engine and host
@@ -301,7 +255,7 @@ def _installed_packages(engine: _Engine, image: str) -> dict[str, str]:
     except (DockerAPIError, ImageBuildError, asyncio.TimeoutError, ValueError, IndexError) as e:
         raise ImageBuildError(f"cannot list the packages of the base image {image} ({e}); is it a kernelexec "
                               "kernel image (Python at /opt/kernel/bin/python)?") from e
-    return {_normalize(k): str(v) for k, v in found.items()}
+    return {normalize_name(k): str(v) for k, v in found.items()}
 
 
 def _source_options(find_links: Sequence[str | os.PathLike[str]], index_url: str | None,
@@ -361,7 +315,7 @@ def _resolve(requirements: Sequence[str], installed: Mapping[str, str], source: 
         pins: dict[str, tuple[str, frozenset[str]]] = {}
         wheels: list[Path] = []
         for whl in sorted((root / "wheels").glob("*.whl")):
-            name, version = _normalize(whl.name.split("-")[0]), whl.name.split("-")[1]
+            name, version = normalize_name(whl.name.split("-")[0]), whl.name.split("-")[1]
             if name in installed:
                 continue
             pins[name] = (version, frozenset({_sha256(whl)}))
