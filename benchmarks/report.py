@@ -142,7 +142,9 @@ def markdown(r: dict[str, Any]) -> str:
     peers = r.get("peers") or {}
     starts = [("sandbox cold start (`AsyncSession()`)", st.get("sandbox_s"), "s"),
               ("local ipykernel start (no container)", st.get("local_stock_s"), "s"),
-              ("warm pool `acquire()`", warm.get("acquire_to_result_ms"), "ms")]
+              ("warm pool `acquire()`, back to back (a removal and a refill in flight)", warm.get("acquire_to_result_ms"),
+               "ms"),
+              ("warm pool `acquire()`, pool settled", warm.get("acquire_to_result_settled_ms"), "ms")]
     starts += [(f"{label} cold start", (peers.get(key) or {}).get("cold_start_s"), "s") for key, label in RT_CONFIGS[5:]]
     starts = [(what, v, unit) for what, v, unit in starts if v and v.get("p50") is not None]
     if starts:

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..._loop import run_blocking
-from ...errors import (
-    SandboxError,
-)
+from ...errors import SandboxError
 from ..sockdir import owner_pid_of, remove_path, socket_root
 from .api import DockerAPIError, NotFound, api
 from .sandbox import (
