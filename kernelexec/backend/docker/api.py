@@ -96,6 +96,8 @@ class DockerAPI:
         self._ssh = SshDialer(self.endpoint) if self.endpoint.scheme == "ssh" else None
         self._version: str | None = None
         self._kind: EngineKind | None = None
+        #: whether this process has cleaned up after dead owners on this engine (``sessions.startup_gc``)
+        self.startup_gc_done = False
 
     def close(self) -> None:
         """Release what outlives a request: for an ssh:// engine, the ssh master (connections made later

@@ -145,19 +145,16 @@ async def agc(*, everything: bool = False) -> GcReport:
     return report
 
 
-_startup_gc_done = False
-
-
 async def startup_gc() -> None:
-    """Once per process, before the first session: remove what dead owners left behind.
+    """Once per process and engine, before the first session: remove what dead owners left behind.
 
     A failure here is logged, not raised: leftovers of another process must
     not stop this one from working, and ``kernelexec gc`` reports them too.
     """
-    global _startup_gc_done
-    if _startup_gc_done:
+    docker = api()
+    if docker.startup_gc_done:
         return
-    _startup_gc_done = True
+    docker.startup_gc_done = True
     try:
         report = await agc()
     except (SandboxError, OSError) as e:
